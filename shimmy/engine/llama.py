@@ -1,0 +1,267 @@
+"""Thin, typed wrappers over llama-cpp-python's low-level (ctypes) API.
+
+Only the engine's worker thread calls into these objects (tokenization excepted: the vocabulary
+is immutable after load, so tokenizing from another thread is safe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from shimmy.engine.types import SamplingParams
+from shimmy.errors import GenerationFailed, InvalidRequest, ModelUnusable, ServerError
+
+log = logging.getLogger(__name__)
+
+_POOLING_MEAN = 1
+
+
+_LLAMA_LOG = logging.getLogger("llama.cpp")
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+@llama_cpp.llama_log_callback
+def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp prints its load chatter to stderr by default; routed through logging it obeys
+    # -v and the log format, and never interleaves with text a command writes to stdout.
+    python_level = _GGML_LEVELS.get(level, logging.DEBUG)
+    if _LLAMA_LOG.isEnabledFor(python_level):
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            _LLAMA_LOG.log(python_level, "%s", message)
+
+
+def quiet_llama_logs(verbose: bool) -> None:
+    """Route llama.cpp's logs into the "llama.cpp" logger: errors only unless verbose."""
+    _LLAMA_LOG.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx: int  # total across sequences
+    n_seq_max: int
+    n_batch: int
+    n_threads: int
+    n_threads_batch: int
+    embeddings: bool = False
+    swa_full: bool = True
+    kv_unified: bool = False
+
+
+class LlamaModel:
+    """A loaded model (weights) and its vocabulary."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int) -> None:
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelUnusable(f"llama.cpp could not load {path.name}")
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(ptr))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(ptr))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.size_bytes = int(llama_cpp.llama_model_size(ptr))
+        self.n_params = int(llama_cpp.llama_model_n_params(ptr))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8", errors="replace")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        if n < 0:  # the buffer was too small: -n is the size needed
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, True
+            )
+        if n < 0:
+            raise InvalidRequest("the prompt could not be tokenized")
+        tokens = list(buf[:n])
+        # Chat templates often spell out BOS themselves; tokenizing with add_special would
+        # double it, which degrades most models' output.
+        if len(tokens) >= 2 and tokens[0] == tokens[1] == self.bos:
+            tokens.pop(0)
+        return tokens
+
+    def token_bytes(self, token: int, buf: ctypes.Array[ctypes.c_char]) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            bigger = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, bigger, -n, 0, False)
+            return bigger.raw[:n]
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        buf = ctypes.create_string_buffer(256)
+        return b"".join(self.token_bytes(t, buf) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+class LlamaContext:
+    def __init__(self, model: LlamaModel, config: ContextConfig) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_batch
+        params.n_seq_max = config.n_seq_max
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads_batch
+        params.swa_full = config.swa_full
+        params.kv_unified = config.kv_unified
+        params.no_perf = True
+        if config.embeddings:
+            params.embeddings = True
+            params.pooling_type = _POOLING_MEAN
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise ServerError("llama.cpp could not create a context (not enough memory?)")
+        self.ptr = ptr
+        self.memory = llama_cpp.llama_get_memory(ptr)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ptr))
+        self.n_batch = int(llama_cpp.llama_n_batch(ptr))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, batch: Batch) -> None:
+        rc = llama_cpp.llama_decode(self.ptr, batch.raw)
+        if rc != 0:
+            raise GenerationFailed(f"llama_decode failed (code {rc})")
+
+    def forget(self, seq_id: int, from_pos: int = 0) -> bool:
+        """Drop a sequence's KV from ``from_pos`` on; False if the cache cannot cut there
+        (then the caller must drop the whole sequence)."""
+        start = -1 if from_pos <= 0 else from_pos
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, start, -1))
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def logits(self, index: int, n_vocab: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+    def sequence_embedding(self, seq_id: int, n_embd: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq_id)
+        if not ptr:
+            raise GenerationFailed("the model produced no embedding")
+        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
+
+
+class Batch:
+    """A reusable llama_batch holding up to ``capacity`` tokens, one sequence id each."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.size = 0
+
+    def clear(self) -> None:
+        self.size = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, want_logits: bool) -> int:
+        i = self.size
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq_id
+        raw.logits[i] = 1 if want_logits else 0
+        self.size = i + 1
+        raw.n_tokens = self.size
+        return i
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.size
+
+    def close(self) -> None:
+        if self.raw is not None:
+            llama_cpp.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class Sampler:
+    """One request's sampler chain: its own penalties, grammar and random state."""
+
+    def __init__(self, model: LlamaModel, params: SamplingParams) -> None:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self.ptr = llama_cpp.llama_sampler_chain_init(chain_params)
+        self.seed = params.seed if params.seed is not None else random.getrandbits(32)
+        try:
+            self._build(model, params)
+        except Exception:
+            self.close()
+            raise
+
+    def _add(self, sampler: object) -> None:
+        llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
+
+    def _build(self, model: LlamaModel, p: SamplingParams) -> None:
+        if p.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                model.vocab, p.grammar.encode(), b"root"
+            )
+            if not grammar:
+                raise InvalidRequest("the grammar could not be parsed", param="grammar")
+            self._add(grammar)
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            self._add(
+                llama_cpp.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    p.penalty_last_n,
+                    p.repetition_penalty,
+                    p.frequency_penalty,
+                    p.presence_penalty,
+                )
+            )
+        if p.temperature <= 0:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if p.top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            self._add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            self._add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(p.temperature))
+        self._add(llama_cpp.llama_sampler_init_dist(self.seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: LlamaContext, index: int) -> int:
+        # llama_sampler_sample also "accepts" the token, advancing penalties and grammar state.
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, index))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,83 @@
+"""Plain data passed between the transport layers and the engine's worker thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    top_k: int = 40  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1  # 1.0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None  # None = a fresh random seed per request
+    grammar: str | None = None  # GBNF, root rule "root"
+
+
+@dataclass
+class GenerationRequest:
+    """One completion. ``prompt`` is text (special tokens such as ``<start_of_turn>`` are parsed)
+    or already-tokenized ids. ``max_tokens`` None means "until the context is full"."""
+
+    prompt: str | list[int]
+    max_tokens: int | None = 100
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # top-N alternatives per token; None = off
+    add_bos: bool = True  # a BOS already present at the start of the text is not doubled
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from a previous request
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TextDelta:
+    """A piece of generated text: always whole UTF-8 characters, never part of a stop string."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finished:
+    finish_reason: FinishReason
+    usage: Usage
+
+
+Event = TextDelta | Finished
+
+
+@dataclass
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int

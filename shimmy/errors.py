@@ -1,0 +1,125 @@
+"""The one hierarchy of domain errors.
+
+Every failure a client can see is a ``ShimmyError``. Transport layers (HTTP native, OpenAI /v1,
+WebSocket) translate these in exactly one place each (``shimmy.api.errors``); nothing else builds
+error responses, so codes, statuses and wording stay consistent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShimmyError(Exception):
+    """Base of all errors shown to clients. ``code`` is the contract's error code."""
+
+    code: str = "server_error"
+    status: int = 500
+    message: str = "Internal server error"
+
+    def __init__(
+        self,
+        details: str | None = None,
+        *,
+        message: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.details = details
+        if message is not None:
+            self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        self.extra = extra or {}
+        super().__init__(details or self.message)
+
+
+class InvalidRequest(ShimmyError):
+    code = "invalid_request"
+    status = 400
+    message = "The request is invalid"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+    message = "The prompt is longer than the model's context"
+
+
+class TemplateError(InvalidRequest):
+    code = "template_error"
+    message = "The model's chat template could not be rendered"
+
+
+class Unauthorized(ShimmyError):
+    code = "unauthorized"
+    status = 401
+    message = "A valid API key is required"
+
+
+class Forbidden(ShimmyError):
+    code = "forbidden"
+    status = 403
+    message = "This request is not allowed"
+
+
+class ModelNotFound(ShimmyError):
+    code = "model_not_found"
+    status = 404
+    message = "The specified model was not found"
+
+
+class NotFound(ShimmyError):
+    code = "not_found"
+    status = 404
+    message = "Not found"
+
+
+class MethodNotAllowed(ShimmyError):
+    code = "method_not_allowed"
+    status = 405
+    message = "Method not allowed"
+
+
+class PayloadTooLarge(ShimmyError):
+    code = "payload_too_large"
+    status = 413
+    message = "The request body is too large"
+
+
+class RateLimited(ShimmyError):
+    code = "rate_limited"
+    status = 429
+    message = "Too many requests"
+
+
+class ModelUnusable(ShimmyError):
+    """The file exists but cannot be served (not GGUF, truncated, unsupported)."""
+
+    code = "model_unusable"
+    status = 422
+    message = "The model file cannot be loaded"
+
+
+class GenerationFailed(ShimmyError):
+    code = "generation_failed"
+    status = 500
+    message = "Text generation failed"
+
+
+class ServerError(ShimmyError):
+    code = "server_error"
+    status = 500
+    message = "Internal server error"
+
+
+class ServerBusy(ShimmyError):
+    code = "server_busy"
+    status = 503
+    message = "The server is busy; try again shortly"
+
+
+class ModelLoading(ShimmyError):
+    code = "model_loading"
+    status = 503
+    message = "The model is loading; try again shortly"

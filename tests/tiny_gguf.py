@@ -1,0 +1,120 @@
+"""A tiny random-weight llama GGUF for tests.
+
+Two layers, n_embd 64, a byte-level gpt2 vocabulary (every byte is a token, plus a few merges and
+the special tokens), so llama.cpp loads it in milliseconds and decodes thousands of tokens per
+second. Its output is random bytes: ideal for exercising UTF-8 reassembly, useless for wording.
+
+The weights are shaped so that end-of-text is (almost) never sampled: every token embedding has a
+large constant first component, which survives the final RMS norm as a positive value, and the
+EOS row of the output matrix is strongly negative in exactly that component. Tests can therefore
+rely on "length" finishes; a tiny EOS probability is kept honest by tests that accept "stop" too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter, TokenType
+
+N_EMBD = 64
+N_HEAD = 4
+N_FF = 128
+N_LAYER = 2
+
+BOS, EOS = "<s>", "</s>"
+MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
+
+
+def vocabulary() -> tuple[list[str], list[int]]:
+    tokens = [_bytes_to_unicode()[b] for b in range(256)]
+    types = [int(TokenType.NORMAL)] * 256
+    for merge in MERGES:
+        tokens.append(merge.replace(" ", ""))
+        types.append(int(TokenType.NORMAL))
+    tokens += [BOS, EOS]
+    types += [int(TokenType.CONTROL)] * 2
+    return tokens, types
+
+
+def write_tiny_gguf(
+    path: Path,
+    *,
+    chat_template: str | None = None,
+    context_length: int = 4096,
+    seed: int = 1234,
+    name: str = "tiny-test-model",
+) -> Path:
+    rng = np.random.default_rng(seed)
+    tokens, types = vocabulary()
+    n_vocab = len(tokens)
+    bos_id, eos_id = tokens.index(BOS), tokens.index(EOS)
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(bos_id)
+    writer.add_eos_token_id(eos_id)
+    writer.add_add_bos_token(True)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+    def weight(*shape: int, scale: float = 0.02) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    embd = weight(n_vocab, N_EMBD, scale=1.0)
+    embd[:, 0] = 3.0
+    output = weight(n_vocab, N_EMBD, scale=1.0)
+    output[:, 0] = 0.0
+    output[eos_id, :] = 0.0
+    output[eos_id, 0] = -20.0
+
+    writer.add_tensor("token_embd.weight", embd)
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for i in range(N_LAYER):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(N_FF, N_EMBD))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(N_FF, N_EMBD))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(N_EMBD, N_FF))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
