@@ -7,7 +7,9 @@ requests ask for it at the same moment; requests for other models are not blocke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from shimmy.engine.engine import ModelEngine
 from shimmy.errors import ModelNotFound, ModelUnusable
-from shimmy.models.discovery import discover_models
+from shimmy.models.discovery import discover_models, entry_for_file
 from shimmy.models.entry import ModelEntry
 from shimmy.settings import Settings
 
@@ -51,7 +53,11 @@ class ModelRegistry:
                 return by_id.id
             path = Path(wanted).expanduser()
             if path.is_file():
-                entry = _entry_for_path(path, self.settings)
+                entry = entry_for_file(path.absolute(), source="model_paths")
+                taken = {e.id for e in entries}
+                base, n = entry.id, 2
+                while entry.id in taken:
+                    entry.id, n = f"{base}-{n}", n + 1
                 entries.insert(0, entry)
                 self._entries[entry.id] = entry
                 return entry.id
@@ -64,10 +70,12 @@ class ModelRegistry:
         for entry in entries:
             if entry.id == wanted or entry.id == wanted.lower():
                 return entry
-        resolved = Path(wanted).expanduser()
-        for entry in entries:
-            if resolved.exists() and entry.path == resolved.resolve():
-                return entry
+        candidate = Path(wanted).expanduser()
+        if candidate.exists():
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if os.path.samefile(entry.path, candidate):
+                        return entry
         return None
 
     @property
@@ -152,10 +160,3 @@ class ModelRegistry:
             task.cancel()
         for model_id in list(self._engines):
             await self.unload(model_id)
-
-
-def _entry_for_path(path: Path, settings: Settings) -> ModelEntry:
-    """An entry for a file named directly by --model, outside every searched folder."""
-    from shimmy.models.discovery import entry_for_file
-
-    return entry_for_file(path.resolve(), source="model_paths")

@@ -15,9 +15,9 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_gguf import write_tiny_gguf  # noqa: E402
+from tiny_gguf import write_tiny_gguf
 
-from shimmy.settings import Settings  # noqa: E402
+from shimmy.settings import Settings
 
 TINY_ID = "tiny"
 
@@ -116,7 +116,9 @@ def starter_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def starter_server(starter_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def starter_server(
+    starter_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """One server on the starter model for the whole session (loading it costs ~0.3 s, but
     sharing keeps the end-to-end tests' prefix caches warm the way a user's would be)."""
     tmp = tmp_path_factory.mktemp("starter-server")

@@ -106,7 +106,10 @@ async def test_concurrent_streams_get_exactly_their_solo_answers(engine: ModelEn
     """
     prompts = [f"prompt number {i} " * (i + 1) for i in range(8)]
     params = [SamplingParams(temperature=0.9, seed=100 + i) for i in range(8)]
-    solo = [await run(engine, p, max_tokens=48, sampling=s) for p, s in zip(prompts, params, strict=True)]
+    solo = [
+        await run(engine, p, max_tokens=48, sampling=s)
+        for p, s in zip(prompts, params, strict=True)
+    ]
     together = await asyncio.gather(
         *(run(engine, p, max_tokens=48, sampling=s) for p, s in zip(prompts, params, strict=True))
     )

@@ -67,7 +67,7 @@ from shimmy.settings import Settings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_END = object()
+_Deliver = Callable[[Any, BaseException | None], None]
 
 
 def default_threads() -> int:
@@ -199,7 +199,7 @@ class ModelEngine:
         self._batch = Batch(self.ctx.n_batch)
         self._slots = [_Slot(seq_id=i) for i in range(self.n_parallel)]
         self._queue: collections.deque[_Job] = collections.deque()
-        self._tasks: collections.deque[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], Any], _Deliver]] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -330,9 +330,7 @@ class ModelEngine:
     def _has_work(self) -> bool:
         return bool(self._tasks or self._queue or any(s.job for s in self._slots))
 
-    def _run_task(
-        self, fn: Callable[[], Any], deliver: Callable[[Any, BaseException | None], None]
-    ) -> None:
+    def _run_task(self, fn: Callable[[], Any], deliver: _Deliver) -> None:
         try:
             result = fn()
         except ShimmyError as exc:

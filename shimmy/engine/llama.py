@@ -229,9 +229,7 @@ class Sampler:
 
     def _build(self, model: LlamaModel, p: SamplingParams) -> None:
         if p.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                model.vocab, p.grammar.encode(), b"root"
-            )
+            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
             if not grammar:
                 raise InvalidRequest("the grammar could not be parsed", param="grammar")
             self._add(grammar)
