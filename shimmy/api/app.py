@@ -1,0 +1,157 @@
+"""The Starlette application: routes, middleware, error handlers and lifecycle.
+
+Nothing lives at module level: ``create_app`` builds a fresh app whose state (settings, model
+registry, start time, request counter) sits on ``app.state``, so several apps can coexist in one
+process (the tests start many).
+
+Middleware is pure ASGI rather than ``BaseHTTPMiddleware``: the latter buffers through its own
+task and breaks streaming responses and disconnect detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shimmy.api import errors, native, openai, ws
+from shimmy.errors import PayloadTooLarge, ShimmyError
+from shimmy.registry import ModelRegistry
+from shimmy.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The server cannot start with these settings (e.g. the default model does not exist)."""
+
+
+class CatchAllMiddleware:
+    """Turn any exception that escaped the handlers into a 500 ``server_error``.
+
+    The traceback is logged here and never sent. If the response had already started there is
+    nothing left to send; the server then closes the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            err = exc if isinstance(exc, ShimmyError) else errors.unexpected_error(exc)
+            if started:
+                return
+            if scope["type"] == "http":
+                await errors.error_response(err, HTTPConnection(scope))(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1011})
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413 ``payload_too_large``.
+
+    A declared Content-Length over the limit is refused before reading anything; a chunked body
+    is counted as it streams in and the read fails once it crosses the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = errors.error_response(self._too_large(), HTTPConnection(scope))
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body may hold at most {self.max_bytes} bytes")
+
+
+class RequestCounterMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope["app"].state.request_count += 1
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app_registry: ModelRegistry = app.state.registry
+        try:
+            await asyncio.to_thread(app_registry.discover)
+            if settings.default_model:
+                app_registry.resolve(None)  # an unusable default must stop startup, not requests
+        except ShimmyError as err:
+            raise StartupError(f"cannot start: {err}") from None
+        app.state.started_at = time.monotonic()
+        try:
+            yield
+        finally:
+            await app_registry.aclose()
+
+    app = Starlette(
+        routes=[*native.routes, *ws.routes, Mount("/v1", routes=openai.routes)],
+        middleware=[
+            Middleware(CatchAllMiddleware),
+            Middleware(RequestCounterMiddleware),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        ],
+        exception_handlers={
+            ShimmyError: errors.handle_shimmy_error,
+            ValidationError: errors.handle_validation_error,
+            HTTPException: errors.handle_http_exception,
+            # Backstop only: CatchAllMiddleware sees unexpected exceptions first.
+            Exception: errors.handle_unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry if registry is not None else ModelRegistry(settings)
+    app.state.started_at = time.monotonic()
+    app.state.request_count = 0
+    return app

@@ -1,0 +1,169 @@
+"""The one place where failures become response bodies.
+
+Every transport (native HTTP, OpenAI-compatible ``/v1``, WebSocket) reports errors through the
+helpers here, so codes, statuses and wording stay the same everywhere. Bodies only ever contain
+the error's code, its fixed message and its client-facing details: never a traceback or the
+repr of an internal exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
+
+from shimmy.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServerError,
+    ShimmyError,
+)
+
+logger = logging.getLogger(__name__)
+
+OPENAI_PREFIX = "/v1"
+
+# How many pydantic errors one response lists; a huge invalid body must not make a huge reply.
+_MAX_LISTED_ERRORS = 5
+_MAX_DETAILS_CHARS = 1000
+
+
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def native_error_body(err: ShimmyError) -> dict[str, Any]:
+    return {"error": {"code": err.code, "message": err.message, "details": err.details}}
+
+
+def openai_error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def openai_error_body(err: ShimmyError) -> dict[str, Any]:
+    # OpenAI clients show ``message`` to users, so it carries the specific details when we have
+    # them; the generic wording alone ("The request is invalid") would hide what to fix.
+    message = f"{err.message}: {err.details}" if err.details else err.message
+    return {
+        "error": {
+            "message": message,
+            "type": openai_error_type(err.status),
+            "param": err.param,
+            "code": err.code,
+        }
+    }
+
+
+def ws_error_frame(err: ShimmyError) -> dict[str, Any]:
+    message = f"{err.message}: {err.details}" if err.details else err.message
+    return {"error": {"code": err.code, "message": message}}
+
+
+def _retry_after_header(err: ShimmyError) -> dict[str, str]:
+    if err.retry_after is None:
+        return {}
+    # Retry-After takes whole seconds; round up so clients never retry too early.
+    return {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
+
+
+def error_response(
+    err: ShimmyError, request: HTTPConnection, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The HTTP response for ``err``, in the dialect of the path that was requested."""
+    body = openai_error_body(err) if is_openai_path(request.url.path) else native_error_body(err)
+    all_headers = {**_retry_after_header(err), **(headers or {})}
+    return JSONResponse(body, status_code=err.status, headers=all_headers)
+
+
+# pydantic puts the member of a union that failed into ``loc`` ("constrained-str",
+# "list[TextPart]", "function-after[...]"); those are type names, not fields the client sent.
+_UNION_TAG = re.compile(r"\[|^[a-z]+(-[a-z]+)+$|^(str|int|float|bool|bytes|dict|list|none)$")
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc if not _UNION_TAG.search(str(part)))
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    """A readable one-line ``InvalidRequest`` naming the offending field(s).
+
+    The input values are left out on purpose: they can be large, and echoing request content in
+    errors (which end up in logs) is not useful to anyone.
+    """
+    problems = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts: list[str] = []
+    first_field: str | None = None
+    for problem in problems[:_MAX_LISTED_ERRORS]:
+        field = _field_name(problem["loc"])
+        message = problem["msg"]
+        if problem["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        if problem["type"] == "json_invalid":
+            message = "Request body is not valid JSON"
+        part = f"{field}: {message}" if field else message
+        if part in parts:
+            continue  # the same complaint from two members of a union
+        first_field = first_field or field or None
+        parts.append(part)
+    if len(problems) > _MAX_LISTED_ERRORS:
+        parts.append(f"(and {len(problems) - _MAX_LISTED_ERRORS} more)")
+    details = "; ".join(parts)
+    if len(details) > _MAX_DETAILS_CHARS:
+        details = details[: _MAX_DETAILS_CHARS - 3] + "..."
+    return InvalidRequest(details, param=first_field)
+
+
+def from_http_exception(exc: HTTPException) -> ShimmyError:
+    """Starlette raises ``HTTPException`` for routing failures (404, 405) and a few others."""
+    if exc.status_code == 404:
+        return NotFound("No such endpoint")
+    if exc.status_code == 405:
+        return MethodNotAllowed("This endpoint does not accept that HTTP method")
+    if exc.status_code == 413:
+        return PayloadTooLarge()
+    if 400 <= exc.status_code < 500:
+        err: ShimmyError = InvalidRequest(str(exc.detail))
+    else:
+        err = ServerError()
+    err.status = exc.status_code
+    return err
+
+
+def unexpected_error(exc: BaseException) -> ServerError:
+    """Log an unexpected exception in full server-side; the client only learns it happened."""
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return ServerError()
+
+
+async def handle_shimmy_error(request: HTTPConnection, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ShimmyError)
+    return error_response(exc, request)
+
+
+async def handle_validation_error(request: HTTPConnection, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    return error_response(validation_error(exc), request)
+
+
+async def handle_http_exception(request: HTTPConnection, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    # Keep headers such as ``Allow`` on a 405.
+    return error_response(from_http_exception(exc), request, headers=dict(exc.headers or {}))
+
+
+async def handle_unexpected_error(request: HTTPConnection, exc: Exception) -> JSONResponse:
+    return error_response(unexpected_error(exc), request)
