@@ -119,6 +119,24 @@ class ServerBusy(ShimmyError):
     message = "The server is busy; try again shortly"
 
 
+class InsufficientMemory(ShimmyError):
+    code = "insufficient_memory"
+    status = 507
+    message = "Not enough memory to load the model"
+
+
+class Conflict(ShimmyError):
+    code = "already_exists"
+    status = 409
+    message = "It already exists"
+
+
+class UpstreamFailed(ShimmyError):
+    code = "download_failed"
+    status = 502
+    message = "The download failed"
+
+
 class ModelLoading(ShimmyError):
     code = "model_loading"
     status = 503

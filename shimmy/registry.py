@@ -15,26 +15,37 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shimmy.engine.engine import ModelEngine
-from shimmy.errors import ModelNotFound, ModelUnusable
+import psutil
+
+from shimmy.engine.engine import ModelEngine, estimate_memory
+from shimmy.errors import InsufficientMemory, ModelLoading, ModelNotFound, ModelUnusable
+from shimmy.models.config import ModelOptions, load_config
 from shimmy.models.discovery import discover_models, entry_for_file
 from shimmy.models.entry import ModelEntry
 from shimmy.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[ModelEntry, Settings], ModelEngine]
+EngineFactory = Callable[[ModelEntry, Settings, ModelOptions], ModelEngine]
+
+# keep_alive 0 unloads a model as soon as it is idle; this grace keeps a request that has just
+# looked the model up (and is rendering its prompt) from finding it gone.
+IDLE_GRACE_SECONDS = 0.5
 
 
 class ModelRegistry:
     def __init__(self, settings: Settings, engine_factory: EngineFactory = ModelEngine) -> None:
         self.settings = settings
+        self.config = load_config(settings.config)
         self._engine_factory = engine_factory
         self._entries: dict[str, ModelEntry] = {}
+        self._aliases = self.config.alias_map()
         self._default_id: str | None = None
         self._engines: dict[str, ModelEngine] = {}
         self._loading: dict[str, asyncio.Task[ModelEngine]] = {}
         self._lock = threading.Lock()  # guards _entries/_engines for readers in other threads
+        self._reaper: asyncio.Task[None] | None = None
+        self._wake_reaper: asyncio.Event | None = None
 
     # --- discovery -----------------------------------------------------------------------
     def discover(self) -> list[ModelEntry]:
@@ -98,7 +109,8 @@ class ModelRegistry:
                     )
                 entry = self._entries[self._default_id]
             else:
-                found = self._entries.get(model) or self._entries.get(model.lower())
+                wanted = self._aliases.get(model, model)
+                found = self._entries.get(wanted) or self._entries.get(wanted.lower())
                 if found is None:
                     raise ModelNotFound(f"Model '{model[:200]}' is not available")
                 entry = found
@@ -116,36 +128,123 @@ class ModelRegistry:
     def loaded_engines(self) -> list[ModelEngine]:
         return list(self._engines.values())
 
-    async def get_engine(self, model: str | None) -> ModelEngine:
+    def loading_ids(self) -> list[str]:
+        return list(self._loading)
+
+    async def get_engine(
+        self, model: str | None, *, keep_alive: float | None = None, wait: bool = True
+    ) -> ModelEngine:
+        """The loaded engine for ``model``, loading it first if needed. ``keep_alive`` (seconds,
+        0 = unload when idle, -1 = never) overrides the default for this model from now on, as
+        Ollama's per-request keep_alive does. With ``wait=False`` a model that is still loading
+        gives 503 model_loading instead of waiting."""
         entry = self.resolve(model)
         engine = self._engines.get(entry.id)
         if engine is not None:
-            engine.last_used = time.monotonic()
+            self._touch(engine, keep_alive)
             return engine
         task = self._loading.get(entry.id)
+        if task is not None and not wait:
+            raise ModelLoading(f"model '{entry.id}' is loading", retry_after=2)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load(entry))
             self._loading[entry.id] = task
             task.add_done_callback(lambda _t: self._loading.pop(entry.id, None))
         # shield: one impatient client that disconnects must not abort a load others wait for
-        return await asyncio.shield(task)
-
-    async def _load(self, entry: ModelEntry) -> ModelEngine:
-        await self._make_room()
-        log.info("loading %s from %s", entry.id, entry.path)
-        engine = await asyncio.to_thread(self._engine_factory, entry, self.settings)
-        log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
-        self._engines[entry.id] = engine
+        engine = await asyncio.shield(task)
+        self._touch(engine, keep_alive)
         return engine
 
-    async def _make_room(self) -> None:
-        """Unload least-recently-used idle models beyond ``max_loaded_models``."""
-        while len(self._engines) >= self.settings.max_loaded_models:
+    def _touch(self, engine: ModelEngine, keep_alive: float | None) -> None:
+        engine.last_used = time.monotonic()
+        if keep_alive is not None:
+            engine.keep_alive = keep_alive
+            self._poke_reaper()
+
+    async def _load(self, entry: ModelEntry) -> ModelEngine:
+        options = self.config.options_for(entry.id)
+        await self._make_room(entry, options)
+        log.info("loading %s from %s", entry.id, entry.path)
+        engine = await asyncio.to_thread(self._engine_factory, entry, self.settings, options)
+        log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
+        loop = asyncio.get_running_loop()
+        def idle() -> None:  # called on the engine's worker thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._poke_reaper)
+
+        engine.on_idle = idle
+        self._engines[entry.id] = engine
+        self._poke_reaper()
+        return engine
+
+    def memory_budget(self) -> int:
+        if self.settings.memory_budget is not None:
+            return self.settings.memory_budget
+        return int(psutil.virtual_memory().available * 0.9) + sum(
+            e.memory_bytes for e in self._engines.values()
+        )
+
+    async def _make_room(self, entry: ModelEntry, options: ModelOptions) -> None:
+        """Unload least-recently-used idle models until ``entry`` fits under both
+        ``max_loaded_models`` and the memory budget; refuse rather than swap."""
+        settings = self.settings.model_copy(update=options.settings_overrides())
+        ctx = min(settings.ctx_size, entry.context_length or settings.ctx_size)
+        needed = estimate_memory(entry, ctx * settings.parallel)
+        budget = self.memory_budget()
+        while True:
+            used = sum(e.memory_bytes for e in self._engines.values())
+            too_many = len(self._engines) >= self.settings.max_loaded_models
+            too_big = used + needed > budget
+            if not (too_many or too_big):
+                return
             idle = [e for e in self._engines.values() if e.in_flight == 0]
             if not idle:
-                return  # everything is busy: load anyway rather than fail a user's request
+                if too_big:
+                    raise InsufficientMemory(
+                        f"loading '{entry.id}' needs about {needed / 2**30:.1f} GiB and the "
+                        "loaded models are busy",
+                        retry_after=5,
+                    )
+                return  # over the count but memory allows: serve rather than fail
             victim = min(idle, key=lambda e: e.last_used)
             await self.unload(victim.entry.id)
+            if not self._engines and needed > budget:
+                raise InsufficientMemory(
+                    f"'{entry.id}' needs about {needed / 2**30:.1f} GiB but only "
+                    f"{budget / 2**30:.1f} GiB may be used (memory_budget)"
+                )
+
+    # --- keep_alive ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start unloading idle models (call from the running event loop)."""
+        if self._reaper is None:
+            self._wake_reaper = asyncio.Event()
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    def _poke_reaper(self) -> None:
+        if self._wake_reaper is not None:
+            self._wake_reaper.set()
+
+    def _expiry(self, engine: ModelEngine) -> float | None:
+        if engine.keep_alive < 0:
+            return None
+        return engine.last_used + max(engine.keep_alive, IDLE_GRACE_SECONDS)
+
+    async def _reap_idle(self) -> None:
+        assert self._wake_reaper is not None
+        while True:
+            now = time.monotonic()
+            for engine in list(self._engines.values()):
+                expiry = self._expiry(engine)
+                if expiry is not None and expiry <= now and engine.in_flight == 0:
+                    await self.unload(engine.entry.id)
+            pending = [
+                x for x in (self._expiry(e) for e in self._engines.values()) if x is not None
+            ]
+            timeout = max(0.05, min(pending) - time.monotonic()) if pending else None
+            self._wake_reaper.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_reaper.wait(), timeout)
 
     async def unload(self, model_id: str) -> bool:
         engine = self._engines.pop(model_id, None)
@@ -156,6 +255,11 @@ class ModelRegistry:
         return True
 
     async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
         for task in list(self._loading.values()):
             task.cancel()
         for model_id in list(self._engines):

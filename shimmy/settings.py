@@ -45,6 +45,7 @@ class Settings(BaseSettings):
         True,
         description="Also search the Hugging Face cache, Ollama and LM Studio folders",
     )
+    config: Path | None = Field(None, description="TOML file with per-model options")
     starter_model: bool = Field(True, description="Offer the bundled starter model if installed")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="shimmy's cache folder")
 
@@ -77,7 +78,12 @@ class Settings(BaseSettings):
 
     # --- lifecycle ---------------------------------------------------------------------------
     max_loaded_models: int = Field(2, ge=1)
-    keep_alive: float = Field(300.0, description="Idle seconds before unload; -1 never")
+    keep_alive: float = Field(
+        300.0, ge=-1, description="Idle seconds before a model unloads; 0 at once, -1 never"
+    )
+    memory_budget: int | None = Field(
+        None, ge=0, description="Bytes loaded models may use (unset: 90% of available RAM)"
+    )
 
     # --- security ----------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

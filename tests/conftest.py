@@ -73,7 +73,7 @@ def run_server(settings: Settings) -> Iterator[str]:
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets")
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="auto")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -346,7 +346,7 @@ def test_serve_answers_http_and_stops_on_ctrl_c(
     assert server.returncode == 0, err.decode()
     assert out == b""
     text = "".join(banner) + err.decode()
-    assert "models found:  1, default: tiny" in text
+    assert "models found:  1, default: tiny" in text, text
     assert "not a loopback address" not in text
     assert "Traceback" not in text
 

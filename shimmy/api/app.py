@@ -25,7 +25,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shimmy.api import errors, native, openai, ws
+from shimmy.api import admin, errors, native, openai, ws
 from shimmy.errors import PayloadTooLarge, ShimmyError
 from shimmy.registry import ModelRegistry
 from shimmy.settings import Settings
@@ -129,13 +129,14 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         except ShimmyError as err:
             raise StartupError(f"cannot start: {err}") from None
         app.state.started_at = time.monotonic()
+        app_registry.start()
         try:
             yield
         finally:
             await app_registry.aclose()
 
     app = Starlette(
-        routes=[*native.routes, *ws.routes, Mount("/v1", routes=openai.routes)],
+        routes=[*native.routes, *admin.routes, *ws.routes, Mount("/v1", routes=openai.routes)],
         middleware=[
             Middleware(CatchAllMiddleware),
             Middleware(RequestCounterMiddleware),

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 
 from shimmy import __version__
 from shimmy.api.errors import native_error_body, unexpected_error
+from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.schemas import parse_generate_request, parse_json, to_generation
 from shimmy.api.sse import DONE, EventStreamResponse, sse_event, wait_for_disconnect
 from shimmy.engine.types import Event, Finished, TextDelta
@@ -34,7 +35,9 @@ def _registry(request: Request) -> ModelRegistry:
 async def generate(request: Request) -> Response:
     settings = request.app.state.settings
     body = parse_generate_request(parse_json(await request.body()))
-    engine = await _registry(request).get_engine(body.model)
+    engine = await _registry(request).get_engine(
+        body.model, keep_alive=body.keep_alive, wait=wants_to_wait(request)
+    )
     generation = await to_generation(body, engine, settings)
     created = int(time.time())
     stream = engine.submit(generation)

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from shimmy import __version__
 from shimmy.api.errors import openai_error_body, unexpected_error
+from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.openai_schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -259,7 +260,9 @@ def _tool_plan(body: ChatCompletionRequest) -> ToolPlan:
 def _template_knows_tools(engine: ModelEngine) -> bool:
     # A GGUF's own template that mentions tools renders them in the format the model was
     # trained on; anything else gets the tools described in a system note.
-    return engine.template.source == "gguf" and "tools" in (engine.entry.chat_template or "")
+    source = engine.template.source
+    text = engine.options.chat_template if source == "override" else engine.entry.chat_template
+    return source in ("gguf", "override") and "tools" in (text or "")
 
 
 def _arguments_object(arguments: str | dict[str, Any]) -> Any:
@@ -439,7 +442,7 @@ def _chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
 async def chat_completions(request: Request) -> Response:
     body = parse_body(ChatCompletionRequest, parse_json(await request.body()))
     body.check_single_choice()
-    engine = await _registry(request).get_engine(body.model)
+    engine = await _registry(request).get_engine(body.model, wait=wants_to_wait(request))
     plan = await _plan_chat(body, engine, _settings(request))
     [stream] = _submit_all(engine, [plan.generation])
     meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", engine.entry.id)
@@ -540,7 +543,7 @@ async def completions(request: Request) -> Response:
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming supports a single prompt", param="prompt")
     settings = _settings(request)
-    engine = await _registry(request).get_engine(body.model)
+    engine = await _registry(request).get_engine(body.model, wait=wants_to_wait(request))
     generations = [
         GenerationRequest(
             prompt=prompt,
@@ -635,7 +638,7 @@ def _encode_vector(vector: Sequence[float], encoding: str) -> list[float] | str:
 async def embeddings(request: Request) -> Response:
     body = parse_body(EmbeddingRequest, parse_json(await request.body()))
     texts = body.texts()
-    engine = await _registry(request).get_engine(body.model)
+    engine = await _registry(request).get_engine(body.model, wait=wants_to_wait(request))
     result = await engine.embed(texts)
     if body.dimensions is not None and any(len(v) != body.dimensions for v in result.vectors):
         size = len(result.vectors[0]) if result.vectors else 0

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shimmy.api.errors import validation_error
+from shimmy.api.keepalive import parse_keep_alive
 from shimmy.engine.types import GenerationRequest, SamplingParams
 from shimmy.errors import InvalidRequest
 
@@ -103,6 +104,7 @@ class GenerateRequest(BaseModel):
         list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS), BeforeValidator(_one_or_many)
     ] = Field(default_factory=list)
     stream: StrictBool = False
+    keep_alive: Annotated[float | None, BeforeValidator(parse_keep_alive)] = None
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
@@ -112,14 +114,19 @@ class GenerateRequest(BaseModel):
             raise ValueError("Give either 'prompt' or 'messages', not both")
         return self
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
+    def sampling(self, model_defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Sampling for this request; a field the client left out takes the model's configured
+        default (``[models.X.sampling]`` in the config file) before the contract's default."""
+        values: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        for name, value in (model_defaults or {}).items():
+            if name in values and name not in self.model_fields_set:
+                values[name] = value
+        return SamplingParams(**values, seed=self.seed)
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -173,9 +180,13 @@ async def to_generation(
         prompt = request.prompt
         if request.system is not None:
             prompt = f"{request.system}\n\n{prompt}"
+    defaults = engine.options.sampling.values()
+    max_tokens = request.max_tokens
+    if "max_tokens" not in request.model_fields_set and "max_tokens" in defaults:
+        max_tokens = defaults["max_tokens"]
     return GenerationRequest(
         prompt=prompt,
-        max_tokens=min(request.max_tokens, settings.max_tokens_cap),
-        sampling=request.sampling(),
+        max_tokens=min(max_tokens, settings.max_tokens_cap),
+        sampling=request.sampling(defaults),
         stop=stop,
     )

@@ -113,7 +113,7 @@ class _Connection:
         job = self.job = _Job()
         stream: GenerationStream | None = None
         try:
-            engine = await self.registry.get_engine(request.model)
+            engine = await self.registry.get_engine(request.model, keep_alive=request.keep_alive)
             generation = await to_generation(request, engine, self.settings)
             stream = engine.submit(generation)
             job.attach(stream)

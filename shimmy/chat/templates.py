@@ -8,10 +8,11 @@ A GGUF template is code written by whoever made the file. CVE-2024-34359 was exa
 template escaping a non-sandboxed Jinja environment, so templates here are rendered in Jinja's
 immutable sandbox, and, because the sandbox stops escapes but not exhaustion, every render also
 runs under a budget: a deadline, a step count, a cap on each value's size and one on what the
-template's variables hold at once. The budget is enforced from inside the render (sandbox hooks, a code generator
-that routes string building, buffers, comparisons and literals through checks, and a counted
-iterator on every ``for`` loop), so a hostile template ends in ``TemplateError`` promptly and no
-thread is left burning CPU. What each hook guards is noted where it is defined.
+template's variables hold at once. The budget is enforced from inside the render (sandbox hooks,
+a code generator that routes string building, buffers, comparisons and literals through checks,
+and parse-tree rewriting that counts every ``for`` loop's iterations and every assignment), so a
+hostile template ends in ``TemplateError`` promptly and no thread is left burning CPU. What each
+hook guards is noted where it is defined.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ import string
 import threading
 import time
 import types
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+    ValuesView,
+)
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn, Protocol
@@ -46,10 +56,11 @@ ROLES = ("system", "user", "assistant", "tool")
 # Real chat templates are a few kilobytes (the largest known are tens of kilobytes); compiling
 # cannot be interrupted, so the source itself is bounded.
 MAX_TEMPLATE_CHARS = 256 * 1024
-# Deterministic bound on the work of one render, independent of the machine's speed. A render of
-# a long conversation with a real template takes tens of thousands of steps.
-MAX_STEPS = 5_000_000
+# A backstop to the deadline that does not depend on the clock. Real templates take tens of
+# thousands of steps for a long conversation, a few million when they are quadratic in turns.
+MAX_STEPS = 50_000_000
 MAX_RANGE = 100_000
+MAX_FILTER_NUMBER = MAX_RANGE
 # Numbers in templates count messages and tokens; this keeps integer arithmetic cheap.
 MAX_INT_BITS = 4096
 # What a template's variables may hold at once, as a multiple of ``max_chars``. Real templates
@@ -280,13 +291,16 @@ class ChatTemplate:
 
     def render(
         self,
-        messages: list[dict[str, Any]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """The prompt for ``messages``. Raises ``InvalidRequest`` for malformed messages and
-        ``TemplateError`` when the template fails, misbehaves or runs past its limits."""
+        ``TemplateError`` when the template fails, misbehaves or runs past its limits.
+
+        The prompt never starts with the BOS token's text (a GGUF template that writes it has
+        it removed): the engine adds BOS when it tokenizes the prompt."""
         prompt = self._prompt_format(
             normalize_messages(messages), add_generation_prompt, _normalize_tools(tools)
         )
@@ -766,7 +780,8 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
             budget.tick()
             value, rest = args[value_at], args[value_at + 1 :]
             for argument in (*rest, *kwargs.values()):
-                if _is_big_number(argument, budget.max_chars):
+                # Counts and widths (batch, slice, center, indent...) are small in templates.
+                if _is_big_number(argument, MAX_FILTER_NUMBER):
                     raise TemplateError(f"the {name!r} filter was given a number too large")
                 budget.check_size(argument, f"an argument of the {name!r} filter")
             if name in _STRINGIFYING_FILTERS:
@@ -790,7 +805,7 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
 
 
 def _internal_filter(
-    node: nodes.Expr | None, filter_name: str, lineno: int, *arguments: str
+    node: nodes.Node | None, filter_name: str, lineno: int, *arguments: str
 ) -> nodes.Filter:
     constants: list[nodes.Expr] = [nodes.Const(argument) for argument in arguments]
     return nodes.Filter(node, filter_name, constants, [], None, None, lineno=lineno)

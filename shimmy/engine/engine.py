@@ -38,6 +38,7 @@ from shimmy.engine.llama import (
     ContextConfig,
     LlamaContext,
     LlamaModel,
+    LoraAdapter,
     Sampler,
     gpu_offload_supported,
     quiet_llama_logs,
@@ -61,6 +62,7 @@ from shimmy.errors import (
     ServerError,
     ShimmyError,
 )
+from shimmy.models.config import ModelOptions
 from shimmy.models.entry import ModelEntry
 from shimmy.settings import Settings
 
@@ -73,6 +75,12 @@ _Deliver = Callable[[Any, BaseException | None], None]
 def default_threads() -> int:
     """Decode is memory-bound: one thread per physical core is llama.cpp's own advice."""
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+def estimate_memory(entry: ModelEntry, kv_tokens: int) -> int:
+    """Weights plus a full KV cache: what loading this model may cost, before loading it."""
+    per_token = entry.kv_bytes_per_token or 0
+    return entry.size_bytes + kv_tokens * per_token
 
 
 def default_gpu_layers() -> int:
@@ -159,13 +167,23 @@ class _Slot:
 
 
 class ModelEngine:
-    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+    def __init__(
+        self, entry: ModelEntry, settings: Settings, options: ModelOptions | None = None
+    ) -> None:
         quiet_llama_logs(settings.log_level == "debug")
+        self.options = options or ModelOptions()
+        settings = settings.model_copy(update=self.options.settings_overrides())
         self.entry = entry
         self.settings = settings
         self.template = ChatTemplate.for_entry(
-            entry, timeout=settings.template_timeout, max_chars=settings.template_max_chars
+            entry,
+            self.options.chat_template,
+            timeout=settings.template_timeout,
+            max_chars=settings.template_max_chars,
         )
+        # Set by the registry: how long to stay loaded when idle, and whom to tell when idle.
+        self.keep_alive = settings.keep_alive
+        self.on_idle: Callable[[], None] | None = None
         started = time.perf_counter()
         n_gpu_layers = (
             settings.n_gpu_layers if settings.n_gpu_layers is not None else default_gpu_layers()
@@ -187,12 +205,19 @@ class ModelEngine:
             swa_full=settings.swa_full,
             kv_unified=False,
         )
+        self._lora: LoraAdapter | None = None
         try:
             self.ctx = LlamaContext(self.model, config)
+            if self.options.lora is not None:
+                self._lora = LoraAdapter(self.model, self.options.lora)
+                self._lora.apply(self.ctx, self.options.lora_scale)
         except Exception:
+            if hasattr(self, "ctx"):
+                self.ctx.close()
             self.model.close()
             raise
         self.n_ctx = min(self.n_ctx, self.ctx.n_ctx_seq)
+        self.memory_bytes = estimate_memory(entry, self.n_ctx * self.n_parallel)
         self.load_seconds = time.perf_counter() - started
         self.loaded_at = time.time()
         self._embed_ctx: LlamaContext | None = None
@@ -253,6 +278,7 @@ class ModelEngine:
             "n_ctx": self.n_ctx,
             "threads": self.threads,
             "n_gpu_layers": self.n_gpu_layers,
+            "memory_bytes": self.memory_bytes,
             **dict(self.counters),
         }
 
@@ -537,6 +563,8 @@ class ModelEngine:
         self.last_used = time.monotonic()
         if error is not None and stream is not None:
             stream.push(error)
+        if self.on_idle is not None and not self._queue and all(s.job is None for s in self._slots):
+            self.on_idle()
 
     def _reap_cancelled_and_expired(self) -> None:
         now = time.monotonic()
@@ -618,6 +646,8 @@ class ModelEngine:
 
     def _free(self) -> None:
         self._batch.close()
+        if self._lora is not None:
+            self._lora.close()
         if self._embed_ctx is not None:
             self._embed_ctx.close()
         self.ctx.close()

@@ -176,6 +176,25 @@ class LlamaContext:
         return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
 
 
+class LoraAdapter:
+    def __init__(self, model: LlamaModel, path: Path) -> None:
+        ptr = llama_cpp.llama_adapter_lora_init(model.ptr, str(path).encode())
+        if not ptr:
+            raise ModelUnusable(f"llama.cpp could not load the LoRA adapter {path.name}")
+        self.ptr = ptr
+
+    def apply(self, ctx: LlamaContext, scale: float) -> None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.ptr)
+        scales = (ctypes.c_float * 1)(scale)
+        if llama_cpp.llama_set_adapters_lora(ctx.ptr, adapters, 1, scales) != 0:
+            raise ModelUnusable("the LoRA adapter does not fit this model")
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+
+
 class Batch:
     """A reusable llama_batch holding up to ``capacity`` tokens, one sequence id each."""
 

@@ -351,6 +351,7 @@ def _make_entry(candidate: _Candidate, model_id: str) -> ModelEntry:
     entry.chat_template = info.chat_template
     entry.bos_token = info.bos_token
     entry.eos_token = info.eos_token
+    entry.kv_bytes_per_token = info.kv_bytes_per_token
     entry.description = describe(info.architecture, parameter_count, info.quantization)
     return entry
 

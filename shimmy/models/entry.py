@@ -22,6 +22,7 @@ class ModelEntry:
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
+    kv_bytes_per_token: int | None = None
     shards: list[Path] = field(default_factory=list)
     error: str | None = None  # why the file cannot be served; None when usable
 

@@ -82,6 +82,7 @@ class GGUFInfo:
     eos_token: str | None
     split_count: int | None  # split.count: shards of the whole model
     split_index: int | None  # split.no: 0-based position of this file
+    kv_bytes_per_token: int | None = None  # F16 K+V cache bytes one token costs; None if unknown
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:
@@ -393,7 +394,21 @@ class _HeaderParser:
             eos_token=eos_token,
             split_count=self.integer("split.count"),
             split_index=self.integer("split.no"),
+            kv_bytes_per_token=self._kv_bytes_per_token(architecture),
         )
+
+    def _kv_bytes_per_token(self, arch: str) -> int | None:
+        """Estimate of the KV cache a token costs (F16 K and V in every layer), for memory
+        planning before a model is loaded."""
+        layers = self.integer(f"{arch}.block_count")
+        embd = self.integer(f"{arch}.embedding_length")
+        heads = self.integer(f"{arch}.attention.head_count")
+        if not layers or not embd or not heads:
+            return None
+        heads_kv = self.integer(f"{arch}.attention.head_count_kv") or heads
+        key_len = self.integer(f"{arch}.attention.key_length") or embd // heads
+        value_len = self.integer(f"{arch}.attention.value_length") or embd // heads
+        return layers * heads_kv * (key_len + value_len) * 2
 
 
 def _tensor_bytes(raw_type: int, n_elements: int) -> int:

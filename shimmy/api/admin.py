@@ -1,0 +1,195 @@
+"""Model lifecycle endpoints: load, unload, loaded, discover, pull, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from shimmy.api.keepalive import parse_keep_alive, wants_to_wait
+from shimmy.api.schemas import parse_json
+from shimmy.errors import (
+    Conflict,
+    Forbidden,
+    InsufficientMemory,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnusable,
+    ShimmyError,
+    UpstreamFailed,
+)
+from shimmy.models.pull import parse_source, pull_model
+from shimmy.models.remove import remove_model_files
+from shimmy.models.safepath import validate_model_id
+from shimmy.registry import ModelRegistry
+
+
+def _registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+async def _optional_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    data = parse_json(raw)
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    return data
+
+
+def _keep_alive(body: dict[str, Any]) -> float | None:
+    try:
+        return parse_keep_alive(body.get("keep_alive"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="keep_alive") from None
+
+
+async def load_model(request: Request) -> Response:
+    registry = _registry(request)
+    body = await _optional_body(request)
+    model_id = validate_model_id(request.path_params["id"], param="id")
+    was_loaded = registry.is_loaded(registry.resolve(model_id).id)
+    engine = await registry.get_engine(
+        model_id, keep_alive=_keep_alive(body), wait=wants_to_wait(request)
+    )
+    return JSONResponse(
+        {
+            "id": engine.entry.id,
+            "loaded": True,
+            "already_loaded": was_loaded,
+            "load_seconds": round(engine.load_seconds, 3),
+            "memory_bytes": engine.memory_bytes,
+        }
+    )
+
+
+async def unload_model(request: Request) -> Response:
+    registry = _registry(request)
+    entry = registry.resolve(validate_model_id(request.path_params["id"], param="id"))
+    unloaded = await registry.unload(entry.id)
+    return JSONResponse({"id": entry.id, "unloaded": unloaded})
+
+
+async def loaded_models(request: Request) -> Response:
+    registry = _registry(request)
+    now = time.monotonic()
+    models = []
+    for engine in registry.loaded_engines():
+        stats = engine.stats()
+        idle = 0.0 if engine.in_flight else now - engine.last_used
+        models.append(
+            {
+                "id": engine.entry.id,
+                "loaded_at": int(engine.loaded_at),
+                "memory_bytes": engine.memory_bytes,
+                "idle_seconds": round(idle, 3),
+                "keep_alive": engine.keep_alive,
+                "expires_in": (
+                    None if engine.keep_alive < 0 else round(max(0.0, engine.keep_alive - idle), 3)
+                ),
+                "busy": stats["busy"],
+                "queued": stats["queued"],
+                "slots": stats["slots"],
+                "context_length": engine.n_ctx,
+                "n_gpu_layers": engine.n_gpu_layers,
+            }
+        )
+    return JSONResponse({"models": models, "loading": registry.loading_ids()})
+
+
+async def rediscover(request: Request) -> Response:
+    registry = _registry(request)
+    entries = await asyncio.to_thread(registry.discover)
+    return JSONResponse(
+        {
+            "models": [e.to_api(loaded=registry.is_loaded(e.id)) for e in entries],
+            "default": registry.default_id,
+        }
+    )
+
+
+async def delete_model(request: Request) -> Response:
+    registry = _registry(request)
+    settings = request.app.state.settings
+    model_id = validate_model_id(request.path_params["id"], param="id")
+    # Not resolve(): a broken file must be deletable, and "default" must never alias here.
+    entry = next((e for e in registry.entries if e.id == model_id), None)
+    if entry is None:
+        raise ModelNotFound(f"Model '{model_id}' is not available")
+    await registry.unload(entry.id)
+    removed = await asyncio.to_thread(remove_model_files, entry, settings)
+    await asyncio.to_thread(registry.discover)
+    return JSONResponse({"id": model_id, "deleted": [str(p) for p in removed]})
+
+
+_PULL_ERRORS: dict[str, type[ShimmyError]] = {
+    "invalid_request": InvalidRequest,
+    "not_found": ModelNotFound,
+    "forbidden": Forbidden,
+    "already_exists": Conflict,
+    "download_failed": UpstreamFailed,
+    "download_corrupt": UpstreamFailed,
+    "offline": UpstreamFailed,
+    "model_unusable": ModelUnusable,
+    "insufficient_storage": InsufficientMemory,
+}
+
+
+async def pull(request: Request) -> Response:
+    registry = _registry(request)
+    settings = request.app.state.settings
+    body = await _optional_body(request)
+    source = parse_source(body.get("model"), param="model")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be true or false", param="stream")
+    events = pull_model(source, settings)
+    first = await anext(events)  # invalid input raises here, before any byte is sent
+
+    if not stream:
+        last = first
+        try:
+            async for event in events:
+                last = event
+        finally:
+            await events.aclose()
+        if last["status"] == "error":
+            error = last["error"]
+            kind = _PULL_ERRORS.get(error.get("code", ""), UpstreamFailed)
+            failure = kind(error.get("message"))
+            failure.code = error.get("code", failure.code)
+            raise failure
+        await asyncio.to_thread(registry.discover)
+        return JSONResponse(last)
+
+    async def ndjson() -> AsyncGenerator[bytes, None]:
+        try:
+            event: dict[str, Any] = first
+            yield (json.dumps(event) + "\n").encode()
+            async for event in events:
+                if event["status"] == "success":
+                    await asyncio.to_thread(registry.discover)
+                yield (json.dumps(event) + "\n").encode()
+        finally:
+            # A client that hangs up stops the download; the partial file stays for a resume.
+            await events.aclose()
+
+    return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+
+
+routes: list[BaseRoute] = [
+    Route("/api/models/loaded", loaded_models, methods=["GET"]),
+    Route("/api/models/discover", rediscover, methods=["POST"]),
+    Route("/api/models/{id:path}/load", load_model, methods=["POST"]),
+    Route("/api/models/{id:path}/unload", unload_model, methods=["POST"]),
+    Route("/api/models/{id:path}", delete_model, methods=["DELETE"]),
+    Route("/api/pull", pull, methods=["POST"]),
+]
