@@ -1,8 +1,8 @@
 """Side-by-side benchmark: shimmy vs llama-cpp-python's server vs a direct llama-cpp-python loop.
 
-Run with ``make bench`` (or ``.venv/bin/python bench/bench.py --help``). The servers are run one
-after the other, never together, so on a small machine they do not steal each other's cores.
-See bench/README.md for what each number means and how tokens are counted.
+Run with ``make bench`` (or ``.venv/bin/python bench/bench.py --help``). Requests go to one
+server at a time, so on a small machine the servers do not steal each other's cores. See
+bench/README.md for what each number means and how tokens are counted.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import gc
 import itertools
 import json
@@ -23,17 +24,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+
+T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 SHIMMY = "shimmy"
 PEER = "llama-cpp-python server"
+SHIMMY_NO_PREFIX = "shimmy --no-prefix-cache"
 DIRECT = "direct llama-cpp-python loop"
 
 # The issue's targets.
@@ -143,6 +147,9 @@ class LevelStats:
     # (None unless every answer carried one).
     chunks: int = 0
     usage_tokens: int | None = None
+    # Per client, in request order (None for a client that failed).
+    ttft_per_client_s: list[float | None] = field(default_factory=list)
+    max_gap_per_client_s: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -181,8 +188,6 @@ class Report:
     direct_tps: float | None
     direct_error: str | None
     servers: dict[str, ServerReport]
-    shimmy_no_prefix_chat: ChatStats | None
-    shimmy_no_prefix_error: str | None
     targets: list[TargetResult]
 
 
@@ -283,6 +288,8 @@ def summarize_level(results: Sequence[StreamResult]) -> LevelStats:
             if good and all(r.usage_tokens is not None for r in good)
             else None
         ),
+        ttft_per_client_s=[r.ttft if r.ok else None for r in results],
+        max_gap_per_client_s=[r.max_gap if r.ok else None for r in results],
     )
 
 
@@ -396,7 +403,8 @@ def render_markdown(report: Report) -> str:
         )
     ours_chat = shimmy.chat if shimmy else None
     peer_chat = peer.chat if peer else None
-    no_prefix = report.shimmy_no_prefix_chat
+    no_prefix_report = report.servers.get(SHIMMY_NO_PREFIX)
+    no_prefix = no_prefix_report.chat if no_prefix_report else None
     lines.append(
         row(
             "chat turn-2 TTFT s, prefix reuse on (lower is better)",
@@ -447,8 +455,6 @@ def render_markdown(report: Report) -> str:
     errors = [(name, s.error) for name, s in report.servers.items() if s.error]
     if report.direct_error:
         errors.append((DIRECT, report.direct_error))
-    if report.shimmy_no_prefix_error:
-        errors.append(("shimmy --no-prefix-cache", report.shimmy_no_prefix_error))
     if errors:
         lines += ["", "Errors:", ""] + [f"- {name}: {error}" for name, error in errors]
     lines += ["", "Targets:", ""]
@@ -566,64 +572,71 @@ def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> di
     return body
 
 
-class ServerBench:
-    """Runs the HTTP measurements against one already-started server."""
+class Contender:
+    """One running server under test: its HTTP client, its measurements, its first failure."""
 
     def __init__(
-        self, base_url: str, model: str, config: BenchConfig, count_tokens: Callable[[str], int]
+        self,
+        report: ServerReport,
+        base_url: str,
+        model: str,
+        config: BenchConfig,
+        count_tokens: Callable[[str], int],
     ) -> None:
-        self.base_url = base_url
+        self.report = report
         self.model = model
         self.config = config
         self.count_tokens = count_tokens
-
-    def client(self) -> httpx.AsyncClient:
-        timeout = httpx.Timeout(self.config.request_timeout, connect=10.0)
+        timeout = httpx.Timeout(config.request_timeout, connect=10.0)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
         # trust_env=False: a proxy from the environment must never sit between us and loopback.
-        return httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, limits=limits, trust_env=False
+        self.client = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, limits=limits, trust_env=False
         )
 
-    async def completion(
-        self, client: httpx.AsyncClient, prompt: str, max_tokens: int
-    ) -> StreamResult:
+    async def attempt(self, what: str, action: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one measurement; the first failure is recorded and ends this server's part."""
+        if self.report.error is not None:
+            return None
+        try:
+            return await action()
+        except (RuntimeError, httpx.HTTPError, ValueError, OSError) as exc:
+            self.report.error = f"{what}: {exc}"
+            log(f"  {self.report.name} failed: {self.report.error}")
+            return None
+
+    async def completion(self, prompt: str, max_tokens: int) -> StreamResult:
         body = completion_body(self.model, prompt, max_tokens)
         return await stream_request(
-            client, "/v1/completions", body, self.config.request_timeout, self.count_tokens
+            self.client, "/v1/completions", body, self.config.request_timeout, self.count_tokens
         )
 
-    async def warm_up(self, client: httpx.AsyncClient) -> None:
+    async def warm_up(self) -> None:
         # Loads the model (shimmy loads on first use) and touches every code path once.
-        result = await self.completion(client, "Hello,", 8)
+        result = await self.completion("Hello,", 8)
         if not result.ok:
             raise RuntimeError(f"warm-up request failed: {result.error}")
 
-    async def single_stream(self, client: httpx.AsyncClient) -> list[float]:
-        rates = []
-        for _ in range(self.config.reps):
-            result = await self.completion(client, SINGLE_STREAM_PROMPT, self.config.tokens)
-            if not result.ok:
-                raise RuntimeError(f"single-stream request failed: {result.error}")
-            rate = decode_rate(result.tokens, result.t_first, result.t_end)
-            if rate is not None:
-                rates.append(rate)
-        return rates
+    async def single_stream(self) -> float | None:
+        result = await self.completion(SINGLE_STREAM_PROMPT, self.config.tokens)
+        if not result.ok:
+            raise RuntimeError(f"single-stream request failed: {result.error}")
+        return decode_rate(result.tokens, result.t_first, result.t_end)
 
-    async def concurrency_level(self, client: httpx.AsyncClient, clients: int) -> LevelStats:
+    async def concurrency_level(self, clients: int) -> LevelStats:
         prompts = [story_prompt(clients, i) for i in range(clients)]
         results = await asyncio.gather(
-            *(self.completion(client, prompt, self.config.tokens) for prompt in prompts)
+            *(self.completion(prompt, self.config.tokens) for prompt in prompts)
         )
         return summarize_level(results)
 
-    async def chat(self, client: httpx.AsyncClient, session_offset: int) -> ChatStats:
+    async def chat(self, session_offset: int) -> ChatStats:
         turn1_ttfts: list[float] = []
         turn2_ttfts: list[float] = []
         for rep in range(self.config.chat_reps):
             messages = chat_turn1(session_offset + rep)
             first = await stream_request(
-                client,
+                self.client,
                 "/v1/chat/completions",
                 chat_body(self.model, messages, self.config.chat_turn1_tokens),
                 self.config.request_timeout,
@@ -638,7 +651,7 @@ class ServerBench:
                 {"role": "user", "content": "And which one serves the most residents?"},
             ]
             second = await stream_request(
-                client,
+                self.client,
                 "/v1/chat/completions",
                 chat_body(self.model, messages, 16),
                 self.config.request_timeout,
@@ -654,22 +667,44 @@ class ServerBench:
             turn2_ttft_all_s=turn2_ttfts,
         )
 
-    async def run_all(self, report: ServerReport, *, chat_session: int) -> None:
-        async with self.client() as client:
-            await self.warm_up(client)
-            log(f"  {report.name}: single stream x{self.config.reps}")
-            report.single_tps_all = await self.single_stream(client)
-            report.single_tps = median(report.single_tps_all)
-            for clients in self.config.levels:
-                log(f"  {report.name}: {clients} concurrent clients")
-                report.levels.append(await self.concurrency_level(client, clients))
-            log(f"  {report.name}: chat second turn x{self.config.chat_reps}")
-            report.chat = await self.chat(client, chat_session)
 
-    async def run_chat_only(self, *, chat_session: int) -> ChatStats:
-        async with self.client() as client:
-            await self.warm_up(client)
-            return await self.chat(client, chat_session)
+async def measure(contenders: Sequence[Contender], config: BenchConfig) -> None:
+    """Every measurement, server after server at each step, so that load from elsewhere on the
+    machine, which drifts over minutes, hits all of them alike."""
+    for contender in contenders:
+        await contender.attempt("warm-up", contender.warm_up)
+    main = [c for c in contenders if c.report.name != SHIMMY_NO_PREFIX]
+    log(f"single stream: {config.reps} x {config.tokens} tokens")
+    for _ in range(config.reps):
+        for contender in main:
+            rate = await contender.attempt("single stream", contender.single_stream)
+            if rate is not None:
+                contender.report.single_tps_all.append(rate)
+    for contender in main:
+        contender.report.single_tps = median(contender.report.single_tps_all)
+    for clients in config.levels:
+        log(f"{clients} concurrent clients")
+        for contender in main:
+            stats = await contender.attempt(
+                f"{clients} clients", functools.partial(contender.concurrency_level, clients)
+            )
+            if stats is not None:
+                contender.report.levels.append(stats)
+    log(f"chat second turn x{config.chat_reps}")
+    for index, contender in enumerate(contenders):
+        # Each server gets conversations of its own, so none can be answered from a cache.
+        session = 100 * (index + 1)
+        contender.report.chat = await contender.attempt(
+            "chat", functools.partial(contender.chat, session)
+        )
+
+
+async def measure_and_close(contenders: Sequence[Contender], config: BenchConfig) -> None:
+    try:
+        await measure(contenders, config)
+    finally:
+        for contender in contenders:
+            await contender.client.aclose()
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,24 +840,6 @@ def model_id_for(path: Path, served: list[str]) -> str:
     if expected in served or not served:
         return expected
     return served[0]
-
-
-def run_server_phase(
-    name: str,
-    argv: list[str],
-    port: int,
-    config: BenchConfig,
-    count_tokens: Callable[[str], int],
-    work: Callable[[ServerBench], Any],
-) -> Any:
-    base_url = f"http://127.0.0.1:{port}"
-    log_path = RESULTS_DIR / "logs" / f"{name.replace(' ', '-')}.log"
-    with (
-        tempfile.TemporaryDirectory(prefix="shimmy-bench-") as scratch,
-        server_process(argv, base_url, log_path, config.startup_timeout, Path(scratch)) as ids,
-    ):
-        bench = ServerBench(base_url, model_id_for(config.model, ids), config, count_tokens)
-        return asyncio.run(work(bench))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1019,38 +1036,40 @@ def run(config: BenchConfig) -> Report:
     direct_rates = direct_rates or []
 
     servers: dict[str, ServerReport] = {}
+    commands: list[tuple[str, Callable[[int], list[str]]]] = [
+        (PEER, lambda port: peer_argv(config, port)),
+        (SHIMMY, lambda port: shimmy_argv(config, port)),
+        (SHIMMY_NO_PREFIX, lambda port: shimmy_argv(config, port, prefix_cache=False)),
+    ]
+    if config.skip_peer:
+        commands = commands[1:]
+    # Idle servers use no CPU, so all of them run for the whole measurement; the ExitStack
+    # stops every one that started, whatever happens.
+    with contextlib.ExitStack() as stack:
+        # cwd is an empty folder so shimmy does not also pick up a ./models of the caller.
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shimmy-bench-")))
+        contenders = []
+        for name, argv_for in commands:
+            report = servers[name] = ServerReport(name=name)
+            port = free_port()
+            base_url = f"http://127.0.0.1:{port}"
+            log_path = RESULTS_DIR / "logs" / f"{name.replace(' ', '-')}.log"
+            log(f"{name}: starting on port {port}")
+            try:
+                ids = stack.enter_context(
+                    server_process(
+                        argv_for(port), base_url, log_path, config.startup_timeout, scratch
+                    )
+                )
+            except (RuntimeError, OSError) as exc:
+                report.error = f"start: {exc}"
+                log(f"  {name} failed: {report.error}")
+                continue
+            model = model_id_for(config.model, ids)
+            contenders.append(Contender(report, base_url, model, config, count_tokens))
+        asyncio.run(measure_and_close(contenders, config))
 
-    def measure(name: str, argv_for: Callable[[int], list[str]], session: int) -> None:
-        report = ServerReport(name=name)
-        servers[name] = report
-        port = free_port()
-        log(f"{name}: starting on port {port}")
-
-        def work(bench: ServerBench) -> Any:
-            return bench.run_all(report, chat_session=session)
-
-        _, report.error = guarded(
-            name, lambda: run_server_phase(name, argv_for(port), port, config, count_tokens, work)
-        )
-
-    if not config.skip_peer:
-        measure(PEER, lambda port: peer_argv(config, port), session=100)
-    measure(SHIMMY, lambda port: shimmy_argv(config, port), session=200)
-
-    port = free_port()
-    log("shimmy --no-prefix-cache: chat second turn")
-    no_prefix_chat, no_prefix_error = guarded(
-        "shimmy --no-prefix-cache",
-        lambda: run_server_phase(
-            "shimmy-no-prefix-cache",
-            shimmy_argv(config, port, prefix_cache=False),
-            port,
-            config,
-            count_tokens,
-            lambda bench: bench.run_chat_only(chat_session=300),
-        ),
-    )
-
+    no_prefix = servers.get(SHIMMY_NO_PREFIX)
     return Report(
         started=stamp,
         elapsed_s=time.perf_counter() - started,
@@ -1075,10 +1094,11 @@ def run(config: BenchConfig) -> Report:
         direct_tps=median(direct_rates),
         direct_error=direct_error,
         servers=servers,
-        shimmy_no_prefix_chat=no_prefix_chat,
-        shimmy_no_prefix_error=no_prefix_error,
         targets=evaluate_targets(
-            servers.get(SHIMMY), servers.get(PEER), median(direct_rates), no_prefix_chat
+            servers.get(SHIMMY),
+            servers.get(PEER),
+            median(direct_rates),
+            no_prefix.chat if no_prefix else None,
         ),
     )
 
@@ -1097,12 +1117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
-    report = run(config)
+    try:
+        report = run(config)
+    except KeyboardInterrupt:
+        log("interrupted; all servers were stopped")
+        return 130
     markdown = render_markdown(report)
     save(report, markdown)
     print(markdown)
     log(f"saved {RESULTS_DIR / 'latest.md'} and latest.json")
-    errors = [report.direct_error, report.shimmy_no_prefix_error]
+    errors = [report.direct_error]
     errors += [server.error for server in report.servers.values()]
     return 1 if any(errors) else 0
 

@@ -340,7 +340,8 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as err:
         raise ServerError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if port != 0:  # restart at once on a fixed port whose old connections linger
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as err:

@@ -239,8 +239,11 @@ class ExplodingRegistry:
     def resolve(self, model: str | None) -> ModelEntry:
         return self.entries[0]
 
-    async def get_engine(self, model: str | None) -> Any:
+    async def get_engine(self, model: str | None, **_options: Any) -> Any:
         raise RuntimeError(SECRET)
+
+    def start(self) -> None:
+        return None
 
     def is_loaded(self, model_id: str) -> bool:
         return False

@@ -81,6 +81,7 @@ def test_concurrent_streams_are_told_apart_from_serial_ones(bench: ModuleType) -
     assert stats.ttft_p50_s == pytest.approx(0.55)
     assert stats.chunks == 8
     assert stats.usage_tokens is None  # no answer carried usage
+    assert stats.max_gap_per_client_s == pytest.approx([0.5, 1.0])
     assert bench.no_starvation(stats)
 
     one_after_another = [
@@ -99,6 +100,7 @@ def test_a_failed_client_counts_as_starved(bench: ModuleType) -> None:
     assert (stats.clients, stats.ok) == (2, 1)
     assert not stats.all_started_before_last_finished
     assert not bench.no_starvation(stats)
+    assert stats.ttft_per_client_s == [0.5, None]
 
 
 def level(bench: ModuleType, clients: int, tps: float, concurrent: int) -> object:
@@ -132,7 +134,8 @@ def sample_report(bench: ModuleType, *, shimmy_tps: float, aggregate: float) -> 
         chat=bench.ChatStats(reps=1, turn1_ttft_s=1.2, turn2_ttft_s=0.3, turn2_ttft_all_s=[0.3]),
     )
     no_prefix = bench.ChatStats(reps=1, turn1_ttft_s=1.0, turn2_ttft_s=0.5, turn2_ttft_all_s=[0.5])
-    servers = {bench.SHIMMY: shimmy, bench.PEER: peer}
+    no_prefix_server = bench.ServerReport(name=bench.SHIMMY_NO_PREFIX, chat=no_prefix)
+    servers = {bench.SHIMMY: shimmy, bench.PEER: peer, bench.SHIMMY_NO_PREFIX: no_prefix_server}
     return bench.Report(
         started="now",
         elapsed_s=1.0,
@@ -143,8 +146,6 @@ def sample_report(bench: ModuleType, *, shimmy_tps: float, aggregate: float) -> 
         direct_tps=60.0,
         direct_error=None,
         servers=servers,
-        shimmy_no_prefix_chat=no_prefix,
-        shimmy_no_prefix_error=None,
         targets=bench.evaluate_targets(shimmy, peer, 60.0, no_prefix),
     )
 
@@ -226,3 +227,15 @@ def test_stop_process_ends_a_running_child(bench: ModuleType) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_failures_are_listed_and_their_targets_are_not_applicable(bench: ModuleType) -> None:
+    report = sample_report(bench, shimmy_tps=59.0, aggregate=120.0)
+    report.servers[bench.PEER] = bench.ServerReport(name=bench.PEER, error="start: exited with 1")
+    report.targets = bench.evaluate_targets(
+        report.servers[bench.SHIMMY], report.servers[bench.PEER], 60.0, None
+    )
+    text = bench.render_markdown(report)
+    assert f"- {bench.PEER}: start: exited with 1" in text
+    assert "| aggregate tok/s @ 8 clients | 120.0 | — | — |" in text
+    assert [t.status for t in report.targets] == ["PASS", "n/a", "n/a"]

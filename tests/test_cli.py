@@ -338,7 +338,11 @@ def test_serve_answers_http_and_stops_on_ctrl_c(
             models = client.get("/api/models").json()
             assert [model["id"] for model in models["models"]] == ["tiny"]
         server.send_signal(signal.SIGINT)
-        out, err = server.communicate(timeout=30)
+        # Read through the pipe objects: readline() above may hold buffered lines that
+        # communicate(), which reads the raw descriptors, would skip.
+        err = server.stderr.read()
+        out = server.stdout.read() if server.stdout is not None else b""
+        server.wait(timeout=30)
     finally:
         if server.poll() is None:
             server.kill()

@@ -194,15 +194,7 @@ async def _first_event(
 def _submit_all(
     engine: ModelEngine, generations: Sequence[GenerationRequest]
 ) -> list[GenerationStream]:
-    streams: list[GenerationStream] = []
-    try:
-        for generation in generations:
-            streams.append(engine.submit(generation))
-    except BaseException:
-        for stream in streams:
-            stream.cancel()
-        raise
-    return streams
+    return engine.submit_many(list(generations))
 
 
 def _error_event(exc: BaseException, adjust: Callable[[ShimmyError], ShimmyError]) -> bytes:

@@ -239,24 +239,29 @@ class ModelEngine:
     # Event-loop-facing API
     # ======================================================================================
     def submit(self, request: GenerationRequest) -> GenerationStream:
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[GenerationRequest]) -> list[GenerationStream]:
+        """Queue several requests atomically: all are accepted or none (ServerBusy), and the
+        worker sees them together, so they start in the same batch when slots are free."""
         loop = asyncio.get_running_loop()
-        stream = GenerationStream(loop, self._wake)
-        job = _Job(request, stream, deadline=time.monotonic() + self.settings.request_timeout)
+        deadline = time.monotonic() + self.settings.request_timeout
+        jobs = [_Job(r, GenerationStream(loop, self._wake), deadline) for r in requests]
         with self._cv:
             if self._stopping:
                 raise ServerBusy("the model is being unloaded", retry_after=1)
             busy = sum(1 for s in self._slots if s.job is not None)
-            if busy + len(self._queue) >= self.n_parallel + self.settings.max_queue:
+            if busy + len(self._queue) + len(jobs) > self.n_parallel + self.settings.max_queue:
                 self.counters["rejected_busy"] += 1
                 raise ServerBusy(
                     f"all {self.n_parallel} slots are busy and {len(self._queue)} requests "
                     "are waiting",
                     retry_after=self._retry_after_estimate(),
                 )
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self.last_used = time.monotonic()
             self._cv.notify()
-        return stream
+        return [job.stream for job in jobs]
 
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return await asyncio.to_thread(self.model.tokenize, text, add_special=add_special)
