@@ -32,6 +32,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from shimmy import __version__
 from shimmy.diag import (
@@ -57,6 +58,7 @@ T = TypeVar("T")
 GRACEFUL_SHUTDOWN_SECONDS = 5
 PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village,"
 PROBE_TOKENS = 16
+PIPED_OUTPUT_WIDTH = 240
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -248,11 +250,14 @@ def _registry(settings: Settings) -> ModelRegistry:
 
 
 def _stdout_console() -> Console:
-    return Console(highlight=False)
+    # Piped output (grep, a file) has no width to fit: don't truncate table cells to 80 columns.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=PIPED_OUTPUT_WIDTH if wide else None)
 
 
-def _stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+def _tell(line: str) -> None:
+    """A message for the person at the terminal, never part of the output."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _write_stdout(text: str) -> None:
@@ -412,15 +417,13 @@ def serve(
         registry.resolve(None)  # fail here, before listening, on an unusable --model
     sock = _listen(settings.host, settings.port)
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
-    err = _stderr_console()
     for line in _banner(settings, registry):
-        err.print(line, soft_wrap=True)
+        _tell(line)
     if not is_loopback(settings.host):
         advice = "" if settings.api_keys else "; no API key is set (--api-key)"
-        err.print(
+        _tell(
             f"warning: {settings.host} is not a loopback address: other machines can reach "
-            f"shimmy{advice}",
-            soft_wrap=True,
+            f"shimmy{advice}"
         )
     import uvicorn
 
@@ -453,8 +456,9 @@ def _read_prompt(prompt: str | None) -> str:
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise InvalidRequest("no prompt: pass --prompt TEXT or pipe text on stdin")
-        # a file's or echo's final newline is not part of what the user means to continue
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").rstrip("\r\n")
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+        # echo's (or a text file's) final newline ends the input; it is not part of the prompt
+        prompt = prompt.removesuffix("\n").removesuffix("\r")
     if not prompt.strip():
         raise InvalidRequest("the prompt is empty")
     return prompt
@@ -561,8 +565,10 @@ def generate(
 # --- list ------------------------------------------------------------------------------------
 
 
-def _status(entry: ModelEntry) -> str:
-    return "usable" if entry.usable else f"[red]error:[/red] {entry.error}"
+def _status(entry: ModelEntry) -> Text:
+    if entry.usable:
+        return Text("usable")
+    return Text.assemble(("error: ", "red"), entry.error or "unknown")
 
 
 @app.command("list")
@@ -580,10 +586,9 @@ def list_models(
         return
     if not entries:
         folders = ", ".join(str(path) for _, path in searched_folders(settings))
-        _stderr_console().print(
+        _tell(
             f"No models found. Searched: {folders}. Put a .gguf file in one of them or pass "
-            "--model-dirs.",
-            soft_wrap=True,
+            "--model-dirs."
         )
         return
     table = Table(caption="* default model", caption_justify="left")
@@ -598,9 +603,9 @@ def list_models(
     for entry in entries:
         table.add_row(
             "*" if entry.id == registry.default_id else "",
-            entry.id,
-            entry.architecture or "?",
-            entry.quantization or "?",
+            Text(entry.id),  # Text: ids and errors are data, never rich markup
+            Text(entry.architecture or "?"),
+            Text(entry.quantization or "?"),
             format_size(entry.size_bytes),
             str(entry.context_length or "?"),
             entry.source,
@@ -741,7 +746,7 @@ def probe(
         ("sample", repr(result.text)),
     ]
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, Text(value))
     _stdout_console().print(table, soft_wrap=True)
 
 

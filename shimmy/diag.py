@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 from rich.table import Table
+from rich.text import Text
 
 from shimmy import __version__
 from shimmy.errors import ShimmyError
@@ -171,7 +172,7 @@ def _section(title: str, rows: Sequence[tuple[str, str]]) -> Table:
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, Text(value))  # paths and versions are data, never rich markup
     return table
 
 

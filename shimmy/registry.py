@@ -45,6 +45,7 @@ class ModelRegistry:
         self._loading: dict[str, asyncio.Task[ModelEngine]] = {}
         self._lock = threading.Lock()  # guards _entries/_engines for readers in other threads
         self._reaper: asyncio.Task[None] | None = None
+        self.load_counts: dict[str, int] = {}
         self._wake_reaper: asyncio.Event | None = None
 
     # --- discovery -----------------------------------------------------------------------
@@ -166,6 +167,7 @@ class ModelRegistry:
         await self._make_room(entry, options)
         log.info("loading %s from %s", entry.id, entry.path)
         engine = await asyncio.to_thread(self._engine_factory, entry, self.settings, options)
+        self.load_counts[entry.id] = self.load_counts.get(entry.id, 0) + 1
         log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
         loop = asyncio.get_running_loop()
         def idle() -> None:  # called on the engine's worker thread

@@ -58,7 +58,7 @@ def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
 
 
 @contextlib.contextmanager
-def run_server(settings: Settings) -> Iterator[str]:
+def run_server(settings: Settings, registry: Any = None) -> Iterator[str]:
     """Serve ``create_app(settings)`` with a real uvicorn on a loopback port; yield its base URL.
 
     The listening socket is bound and put in listen state before the server thread starts, so
@@ -72,7 +72,7 @@ def run_server(settings: Settings) -> Iterator[str]:
     sock.listen(128)
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
-    app = create_app(settings)
+    app = create_app(settings, registry=registry)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="auto")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -86,12 +86,12 @@ def run_server(settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture
-def server_factory() -> Iterator[Callable[[Settings], str]]:
+def server_factory() -> Iterator[Callable[..., str]]:
     """Start any number of servers with custom settings; all are stopped after the test."""
     stack = contextlib.ExitStack()
 
-    def start(settings: Settings) -> str:
-        return stack.enter_context(run_server(settings))
+    def start(settings: Settings, registry: Any = None) -> str:
+        return stack.enter_context(run_server(settings, registry))
 
     with stack:
         yield start

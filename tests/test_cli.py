@@ -146,6 +146,15 @@ def test_list_json_matches_the_api_shape(shimmy_cli: CliRunner) -> None:
     assert model["size_bytes"] > 0
 
 
+def test_list_shows_ids_verbatim_not_as_markup(tiny_model_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "tiny[red].gguf").write_bytes(tiny_model_path.read_bytes())
+    result = run_shimmy(["list"], cli_env(folder, tmp_path))
+    assert result.returncode == 0, result.stderr.decode()
+    assert "tiny[red]" in result.stdout.decode()
+
+
 def test_flags_override_environment(
     shimmy_cli: CliRunner, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -234,6 +243,13 @@ def test_generate_same_seed_same_text(shimmy_cli: CliRunner) -> None:
     first = stdout_json(shimmy_cli(*args, "--seed", "7"))["choices"][0]["text"]
     again = stdout_json(shimmy_cli(*args, "--seed", "7"))["choices"][0]["text"]
     assert first == again
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(shimmy_cli: CliRunner) -> None:
+    args = ("generate", "-p", "Hello", "--max-tokens", "1", "--json")
+    raw = stdout_json(shimmy_cli(*args))["usage"]["prompt_tokens"]
+    chat = stdout_json(shimmy_cli(*args, "--chat"))["usage"]["prompt_tokens"]
+    assert chat > raw
 
 
 def test_generate_unknown_model_is_one_error_line(shimmy_cli: CliRunner) -> None:

@@ -100,6 +100,7 @@ async def loaded_models(request: Request) -> Response:
                 "slots": stats["slots"],
                 "context_length": engine.n_ctx,
                 "n_gpu_layers": engine.n_gpu_layers,
+                "load_count": registry.load_counts.get(engine.entry.id, 0),
             }
         )
     return JSONResponse({"models": models, "loading": registry.loading_ids()})
