@@ -35,6 +35,13 @@ from rich.table import Table
 from rich.text import Text
 
 from shimmy import __version__
+from shimmy.cli_models import (
+    loaded_on_server,
+    pull_with_progress,
+    remove_local_model,
+    require_loaded_on_server,
+    server_url,
+)
 from shimmy.diag import (
     collect_diagnostics,
     diagnostics_tables,
@@ -581,8 +588,12 @@ def list_models(
     settings = build_settings(common)
     registry = _registry(settings)
     entries = registry.entries
+    # A running server (at the configured address) tells what it has loaded right now.
+    on_server = loaded_on_server(settings)
+    loaded_ids = {str(m.get("id")) for m in on_server or []}
     if as_json:
-        _print_json({"models": [e.to_api() for e in entries], "default": registry.default_id})
+        models = [e.to_api(loaded=e.id in loaded_ids) for e in entries]
+        _print_json({"models": models, "default": registry.default_id})
         return
     if not entries:
         folders = ", ".join(str(path) for _, path in searched_folders(settings))
@@ -600,6 +611,8 @@ def list_models(
     table.add_column("CONTEXT", justify="right")
     table.add_column("SOURCE")
     table.add_column("STATUS")
+    if on_server is not None:
+        table.caption = f"* default model · loaded: on the server at {server_url(settings)}"
     for entry in entries:
         table.add_row(
             "*" if entry.id == registry.default_id else "",
@@ -609,7 +622,7 @@ def list_models(
             format_size(entry.size_bytes),
             str(entry.context_length or "?"),
             entry.source,
-            _status(entry),
+            Text("loaded", style="green") if entry.id in loaded_ids else _status(entry),
         )
     _stdout_console().print(table)
 
@@ -768,6 +781,67 @@ def diag(
     for section in diagnostics_tables(facts):
         console.print(section)
         console.print()
+
+
+# --- models: pull, rm, ps --------------------------------------------------------------------
+
+
+@app.command()
+@with_common_options
+def pull(
+    common: CommonOptions,
+    source: Annotated[
+        str, typer.Argument(help="hf://OWNER/REPO/FILE.gguf, or an http(s):// URL of a .gguf")
+    ],
+) -> None:
+    """Download a model into shimmy's models folder (resumable, verified)."""
+    settings = build_settings(common)
+    model_id = pull_with_progress(source, settings, Console(stderr=True))
+    _tell(f"pulled {model_id} into {settings.models_dir}")
+    _write_stdout(model_id + "\n")
+
+
+@app.command("rm")
+@with_common_options
+def remove(
+    common: CommonOptions,
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="The model id to delete")],
+) -> None:
+    """Delete a model from shimmy's own models folder (never anything outside it)."""
+    settings = build_settings(common)
+    for path in remove_local_model(model_id, settings):
+        _tell(f"deleted {path}")
+
+
+@app.command()
+@with_common_options
+def ps(
+    common: CommonOptions,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """List the models a running shimmy server has loaded (at --bind / SHIMMY_HOST:PORT)."""
+    settings = build_settings(common)
+    models = require_loaded_on_server(settings)
+    if as_json:
+        _print_json({"models": models})
+        return
+    if not models:
+        _tell(f"no models loaded at {server_url(settings)}")
+        return
+    table = Table()
+    for heading in ("ID", "MEMORY", "BUSY", "QUEUED", "IDLE", "UNLOADS IN"):
+        table.add_column(heading)
+    for model in models:
+        expires = model.get("expires_in")
+        table.add_row(
+            Text(str(model["id"])),
+            format_size(int(model.get("memory_bytes") or 0)),
+            f"{model.get('busy', 0)}/{model.get('slots', 0)}",
+            str(model.get("queued", 0)),
+            f"{model.get('idle_seconds', 0):.0f}s",
+            "never" if expires is None else f"{expires:.0f}s",
+        )
+    _stdout_console().print(table)
 
 
 # --- entry point -----------------------------------------------------------------------------

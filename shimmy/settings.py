@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -89,8 +89,16 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted API keys, ','-separated in env"
     )
+    api_key: str | None = Field(None, description="One more accepted API key")
+    api_key_file: FilePath | None = Field(
+        None, description="File of accepted API keys: one per line, '#' comments"
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    rate_limit: float | None = Field(
+        None, gt=0, description="Requests per minute per client address and per API key"
+    )
+    rate_burst: int = Field(10, ge=1, description="Requests a client may make at once")
 
     # --- logging -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,0 +1,111 @@
+"""Model management for the CLI: pull, rm, and asking a running server what it has loaded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from shimmy.errors import ModelNotFound, ServerError, ShimmyError, UpstreamFailed
+from shimmy.models.discovery import discover_models
+from shimmy.models.pull import parse_source, pull_model
+from shimmy.models.remove import remove_model_files
+from shimmy.models.safepath import validate_model_id
+from shimmy.settings import Settings
+
+
+def pull_with_progress(source: str, settings: Settings, console: Console) -> str:
+    """Download ``source`` into the models folder, drawing a progress bar on ``console``
+    (stderr); return the new model's id."""
+    parsed = parse_source(source, param="source")
+
+    async def run() -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("pulling", total=None)
+            async for event in pull_model(parsed, settings):
+                last = event
+                status = event["status"]
+                if status == "downloading":
+                    progress.update(
+                        task,
+                        description=f"pulling {event.get('file', '')}".strip(),
+                        total=event.get("total"),
+                        completed=event.get("completed", 0),
+                    )
+                elif status in ("verifying", "waiting"):
+                    progress.update(task, description=status)
+        return last
+
+    last = asyncio.run(run())
+    if last.get("status") == "error":
+        error = last.get("error", {})
+        failure = UpstreamFailed(error.get("message", "the download failed"))
+        failure.code = error.get("code", failure.code)
+        raise failure
+    if last.get("status") != "success":
+        raise ServerError("the pull ended without a result")
+    return str(last["id"])
+
+
+def remove_local_model(model_id: str, settings: Settings) -> list[Path]:
+    wanted = validate_model_id(model_id, param="id")
+    entry = next((e for e in discover_models(settings) if e.id == wanted), None)
+    if entry is None:
+        raise ModelNotFound(f"Model '{wanted}' is not available")
+    return remove_model_files(entry, settings)
+
+
+def _headers(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+
+
+def server_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return settings.model_copy(update={"host": host}).base_url
+
+
+def loaded_on_server(
+    settings: Settings, *, timeout: float = 0.5, get: Callable[..., httpx.Response] = httpx.get
+) -> list[dict[str, Any]] | None:
+    """What a shimmy server at the configured address has loaded; None if none answers."""
+    try:
+        response = get(
+            f"{server_url(settings)}/api/models/loaded", headers=_headers(settings), timeout=timeout
+        )
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    try:
+        models = response.json()["models"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return models if isinstance(models, list) else None
+
+
+def require_loaded_on_server(settings: Settings) -> list[dict[str, Any]]:
+    models = loaded_on_server(settings, timeout=5)
+    if models is None:
+        raise ShimmyError(f"no shimmy server answers at {server_url(settings)}")
+    return models
