@@ -60,7 +60,7 @@ class ModelRegistry:
     def _pick_default(self, entries: list[ModelEntry]) -> str | None:
         wanted = self.settings.default_model
         if wanted:
-            by_id = self._match(wanted, entries)
+            by_id = self._match(self._aliases.get(wanted, wanted), entries)
             if by_id is not None:
                 return by_id.id
             path = Path(wanted).expanduser()

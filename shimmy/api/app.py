@@ -25,7 +25,9 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shimmy.api import admin, errors, native, openai, ws
+from shimmy.api import admin, errors, native, openai, openapi, ws
+from shimmy.api.ratelimit import RateLimitMiddleware
+from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.errors import PayloadTooLarge, ShimmyError
 from shimmy.registry import ModelRegistry
 from shimmy.settings import Settings
@@ -136,10 +138,21 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             await app_registry.aclose()
 
     app = Starlette(
-        routes=[*native.routes, *admin.routes, *ws.routes, Mount("/v1", routes=openai.routes)],
+        routes=[
+            *native.routes,
+            *admin.routes,
+            *ws.routes,
+            Mount("/v1", routes=openai.routes),
+            *openapi.routes,
+        ],
         middleware=[
             Middleware(CatchAllMiddleware),
             Middleware(RequestCounterMiddleware),
+            # Order matters: foreign hosts and origins are refused before anything else (and
+            # preflights answered without a key); failed key checks still cost a token.
+            Middleware(HostOriginMiddleware, settings=settings),
+            Middleware(RateLimitMiddleware, settings=settings),
+            Middleware(ApiKeyMiddleware, settings=settings),
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
         ],
         exception_handlers={
