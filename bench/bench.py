@@ -95,6 +95,7 @@ class BenchConfig:
     chat_turn1_tokens: int
     request_timeout: float
     startup_timeout: float
+    time_budget: float
     skip_peer: bool
     quick: bool
 
@@ -189,6 +190,7 @@ class Report:
     direct_error: str | None
     servers: dict[str, ServerReport]
     targets: list[TargetResult]
+    skipped: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,6 +459,9 @@ def render_markdown(report: Report) -> str:
         errors.append((DIRECT, report.direct_error))
     if errors:
         lines += ["", "Errors:", ""] + [f"- {name}: {error}" for name, error in errors]
+    if report.skipped:
+        spent = f"Skipped (time budget of {config.get('time_budget_s')} s spent): "
+        lines += ["", spent + ", ".join(report.skipped)]
     lines += ["", "Targets:", ""]
     lines += [f"- {t.status}: {t.name} ({t.detail})" for t in report.targets]
     return "\n".join(lines) + "\n"
@@ -572,6 +577,22 @@ def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> di
     return body
 
 
+class TimeBudget:
+    """Bounds a whole run: once the budget is spent no new step starts; skipped steps are kept."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.perf_counter() + seconds
+        self.skipped: list[str] = []
+
+    def allows(self, step: str) -> bool:
+        if time.perf_counter() < self.deadline:
+            return True
+        self.skipped.append(step)
+        log(f"time budget of {self.seconds:.0f} s spent: skipping {step}")
+        return False
+
+
 class Contender:
     """One running server under test: its HTTP client, its measurements, its first failure."""
 
@@ -611,11 +632,19 @@ class Contender:
             self.client, "/v1/completions", body, self.config.request_timeout, self.count_tokens
         )
 
-    async def warm_up(self) -> None:
-        # Loads the model (shimmy loads on first use) and touches every code path once.
+    async def warm_up(self, levels: Sequence[int] = ()) -> None:
+        """Pay one-time costs before measuring: loading the model (shimmy loads on first use)
+        and the first decode of each batch size (llama.cpp sizes its buffers then), with one
+        short round of requests at every concurrency level."""
         result = await self.completion("Hello,", 8)
         if not result.ok:
             raise RuntimeError(f"warm-up request failed: {result.error}")
+        for clients in levels:
+            prompts = [f"Warm-up {clients}-{i}: the weather today is" for i in range(clients)]
+            results = await asyncio.gather(*(self.completion(p, 4) for p in prompts))
+            failed = next((r for r in results if not r.ok), None)
+            if failed is not None:
+                raise RuntimeError(f"warm-up at {clients} clients failed: {failed.error}")
 
     async def single_stream(self) -> float | None:
         result = await self.completion(SINGLE_STREAM_PROMPT, self.config.tokens)
@@ -668,21 +697,36 @@ class Contender:
         )
 
 
-async def measure(contenders: Sequence[Contender], config: BenchConfig) -> None:
+async def measure(contenders: Sequence[Contender], config: BenchConfig, budget: TimeBudget) -> None:
     """Every measurement, server after server at each step, so that load from elsewhere on the
-    machine, which drifts over minutes, hits all of them alike."""
-    for contender in contenders:
-        await contender.attempt("warm-up", contender.warm_up)
+    machine, which drifts over minutes, hits all of them alike. The cheap steps come first, so
+    a spent time budget costs the largest concurrency levels, not the targets' numbers."""
     main = [c for c in contenders if c.report.name != SHIMMY_NO_PREFIX]
+    log("warm-up")
+    for contender in contenders:
+        levels = config.levels if contender in main else ()
+        await contender.attempt("warm-up", functools.partial(contender.warm_up, levels))
     log(f"single stream: {config.reps} x {config.tokens} tokens")
-    for _ in range(config.reps):
+    for rep in range(config.reps):
+        if not budget.allows(f"single stream repetition {rep + 1}"):
+            break
         for contender in main:
             rate = await contender.attempt("single stream", contender.single_stream)
             if rate is not None:
                 contender.report.single_tps_all.append(rate)
     for contender in main:
         contender.report.single_tps = median(contender.report.single_tps_all)
+    log(f"chat second turn x{config.chat_reps}")
+    if budget.allows("chat second turn"):
+        for index, contender in enumerate(contenders):
+            # Each server gets conversations of its own, so none can be answered from a cache.
+            session = 100 * (index + 1)
+            contender.report.chat = await contender.attempt(
+                "chat", functools.partial(contender.chat, session)
+            )
     for clients in config.levels:
+        if not budget.allows(f"{clients} concurrent clients"):
+            continue
         log(f"{clients} concurrent clients")
         for contender in main:
             stats = await contender.attempt(
@@ -690,18 +734,13 @@ async def measure(contenders: Sequence[Contender], config: BenchConfig) -> None:
             )
             if stats is not None:
                 contender.report.levels.append(stats)
-    log(f"chat second turn x{config.chat_reps}")
-    for index, contender in enumerate(contenders):
-        # Each server gets conversations of its own, so none can be answered from a cache.
-        session = 100 * (index + 1)
-        contender.report.chat = await contender.attempt(
-            "chat", functools.partial(contender.chat, session)
-        )
 
 
-async def measure_and_close(contenders: Sequence[Contender], config: BenchConfig) -> None:
+async def measure_and_close(
+    contenders: Sequence[Contender], config: BenchConfig, budget: TimeBudget
+) -> None:
     try:
-        await measure(contenders, config)
+        await measure(contenders, config, budget)
     finally:
         for contender in contenders:
             await contender.client.aclose()
@@ -847,7 +886,9 @@ def model_id_for(path: Path, served: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def direct_loop(config: BenchConfig, count_tokens: Callable[[str], int]) -> list[float]:
+def direct_loop(
+    config: BenchConfig, count_tokens: Callable[[str], int], budget: TimeBudget
+) -> list[float]:
     """Decode tokens/s of llama-cpp-python's own streaming loop, in this process, no HTTP."""
     import llama_cpp
 
@@ -861,6 +902,9 @@ def direct_loop(config: BenchConfig, count_tokens: Callable[[str], int]) -> list
     try:
         rates = []
         for rep in range(config.reps + 1):  # the first pass only warms up
+            if rep > 0 and not budget.allows(f"{DIRECT} repetition {rep}"):
+                break
+            started = time.perf_counter()
             first: float | None = None
             last: float | None = None
             pieces = []
@@ -878,6 +922,8 @@ def direct_loop(config: BenchConfig, count_tokens: Callable[[str], int]) -> list
                     last = time.perf_counter()
                     first = first if first is not None else last
                     pieces.append(text)
+                if time.perf_counter() - started > config.request_timeout:
+                    break  # the same hard deadline as an HTTP request
             if rep == 0:
                 continue
             rate = decode_rate(count_tokens("".join(pieces)), first, last)
@@ -989,7 +1035,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=2048, help="context per sequence (2048)")
     parser.add_argument("--parallel", type=int, default=8, help="shimmy --parallel (8)")
     parser.add_argument("--reps", type=int, help="single-stream repetitions (3)")
-    parser.add_argument("--request-timeout", type=float, default=180.0, help="seconds (180)")
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds (120)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=360.0,
+        help="seconds after which no new step starts (360)",
+    )
     parser.add_argument("--skip-peer", action="store_true", help="skip llama-cpp-python server")
     return parser.parse_args(argv)
 
@@ -1010,6 +1062,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         chat_reps=1 if quick else 3,
         chat_turn1_tokens=32,
         request_timeout=args.request_timeout,
+        time_budget=args.time_budget,
         startup_timeout=180.0,
         skip_peer=bool(args.skip_peer),
         quick=quick,
@@ -1032,7 +1085,8 @@ def run(config: BenchConfig) -> Report:
     count_tokens = load_tokenizer(config.model)
 
     log(f"direct loop: {config.reps} x {config.tokens} tokens")
-    direct_rates, direct_error = guarded(DIRECT, lambda: direct_loop(config, count_tokens))
+    budget = TimeBudget(config.time_budget)
+    direct_rates, direct_error = guarded(DIRECT, lambda: direct_loop(config, count_tokens, budget))
     direct_rates = direct_rates or []
 
     servers: dict[str, ServerReport] = {}
@@ -1067,7 +1121,7 @@ def run(config: BenchConfig) -> Report:
                 continue
             model = model_id_for(config.model, ids)
             contenders.append(Contender(report, base_url, model, config, count_tokens))
-        asyncio.run(measure_and_close(contenders, config))
+        asyncio.run(measure_and_close(contenders, config, budget))
 
     no_prefix = servers.get(SHIMMY_NO_PREFIX)
     return Report(
@@ -1087,6 +1141,7 @@ def run(config: BenchConfig) -> Report:
             "reps": config.reps,
             "chat_reps": config.chat_reps,
             "quick": config.quick,
+            "time_budget_s": config.time_budget,
             "token_count": "completion text re-tokenized with the model's vocabulary",
             "chat_prompt_tokens": count_tokens("\n".join(m["content"] for m in chat_turn1(0))),
         },
@@ -1100,6 +1155,7 @@ def run(config: BenchConfig) -> Report:
             median(direct_rates),
             no_prefix.chat if no_prefix else None,
         ),
+        skipped=budget.skipped,
     )
 
 

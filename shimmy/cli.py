@@ -446,6 +446,7 @@ def serve(
         lifespan="on",
         ws="auto",  # websockets' sans-I/O protocol where available: the legacy one is deprecated
         server_header=False,
+        access_log=False,  # shimmy.access logs one line per request, with model and tokens
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = uvicorn.Server(config)

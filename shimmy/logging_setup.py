@@ -17,6 +17,13 @@ LogFormat = Literal["text", "json"]
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+_STANDARD_ATTRIBUTES = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
 class JsonLineFormatter(logging.Formatter):
     """One JSON object per record, so log shippers need no parsing rules."""
 
@@ -29,7 +36,11 @@ class JsonLineFormatter(logging.Formatter):
         }
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False)
+        # Structured fields passed with ``extra=`` (the access log's status, duration, ...).
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
+                data.setdefault(key, value)
+        return json.dumps(data, ensure_ascii=False, default=str)
 
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from shimmy.engine.engine import ModelEngine, estimate_memory
+from shimmy.engine.types import Usage
 from shimmy.errors import InsufficientMemory, ModelLoading, ModelNotFound, ModelUnusable
 from shimmy.models.config import ModelOptions, load_config
 from shimmy.models.discovery import discover_models, entry_for_file
@@ -46,6 +47,8 @@ class ModelRegistry:
         self._lock = threading.Lock()  # guards _entries/_engines for readers in other threads
         self._reaper: asyncio.Task[None] | None = None
         self.load_counts: dict[str, int] = {}
+        # Given to every engine: see ModelEngine.on_finish (the app's metrics set it).
+        self.on_finish: Callable[[str, Usage, float, float | None], None] | None = None
         self._wake_reaper: asyncio.Event | None = None
 
     # --- discovery -----------------------------------------------------------------------
@@ -170,11 +173,13 @@ class ModelRegistry:
         self.load_counts[entry.id] = self.load_counts.get(entry.id, 0) + 1
         log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
         loop = asyncio.get_running_loop()
+
         def idle() -> None:  # called on the engine's worker thread
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._poke_reaper)
 
         engine.on_idle = idle
+        engine.on_finish = self.on_finish
         self._engines[entry.id] = engine
         self._poke_reaper()
         return engine

@@ -239,3 +239,18 @@ def test_failures_are_listed_and_their_targets_are_not_applicable(bench: ModuleT
     assert f"- {bench.PEER}: start: exited with 1" in text
     assert "| aggregate tok/s @ 8 clients | 120.0 | — | — |" in text
     assert [t.status for t in report.targets] == ["PASS", "n/a", "n/a"]
+
+
+def test_a_spent_time_budget_skips_steps_and_says_so(bench: ModuleType) -> None:
+    generous = bench.TimeBudget(3600.0)
+    assert generous.allows("1 concurrent clients")
+    assert generous.skipped == []
+    spent = bench.TimeBudget(0.0)
+    assert not spent.allows("16 concurrent clients")
+    assert spent.skipped == ["16 concurrent clients"]
+
+    report = sample_report(bench, shimmy_tps=59.0, aggregate=120.0)
+    report.config["time_budget_s"] = 360.0
+    report.skipped = spent.skipped
+    text = bench.render_markdown(report)
+    assert "Skipped (time budget of 360.0 s spent): 16 concurrent clients" in text

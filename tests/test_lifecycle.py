@@ -271,7 +271,11 @@ def test_hostile_ids_on_lifecycle_endpoints_are_refused(
     ]:
         response = httpx.request(method, f"{url}{path}", timeout=30)
         assert response.status_code in (400, 404), (method, path, response.text)
-        assert response.json()["error"]["code"] in ("invalid_request", "not_found", "model_not_found")
+        assert response.json()["error"]["code"] in (
+            "invalid_request",
+            "not_found",
+            "model_not_found",
+        )
     assert sorted(p.name for p in three_models.iterdir()) == [
         "alpha.gguf",
         "beta.gguf",

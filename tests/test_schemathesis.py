@@ -13,16 +13,23 @@ schemathesis' own lazy pytest fixture is not used: it relies on a pytest interna
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
 from conftest import isolated_settings, run_server
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
+from schemathesis.core.result import Ok
+from starlette.routing import BaseRoute, Mount, Route
 
+from shimmy.api.app import create_app
+from shimmy.api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shimmy.api.openapi import build_openapi
+from shimmy.api.schemas import GenerateRequest
 from shimmy.settings import Settings
 
 MAX_EXAMPLES = 20
@@ -48,13 +55,17 @@ def live_schema(
     tmp = tmp_path_factory.mktemp("schemathesis")
     # A small cap keeps generated huge max_tokens cheap; the limits themselves are tested in
     # test_hostile.py.
-    server_settings = isolated_settings(tiny_model_dir, tmp, max_tokens_cap=16, ctx_size=512)
+    server_settings = isolated_settings(
+        tiny_model_dir, tmp, max_tokens_cap=16, ctx_size=512, threads=1
+    )
     with run_server(server_settings) as url:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 def test_every_route_is_described(live_schema: schemathesis.BaseSchema) -> None:
-    served = {operation.ok().label for operation in live_schema.get_all_operations()}
+    served = {
+        result.ok().label for result in live_schema.get_all_operations() if isinstance(result, Ok)
+    }
     assert set(operation_labels()) <= served
     assert "POST /api/pull" in served and "DELETE /api/models/{id}" in served
 
@@ -77,3 +88,75 @@ def test_no_server_errors_and_declared_responses(
         case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
 
     check()
+
+
+# --- the description itself ---------------------------------------------------------------------
+
+
+def app_operations(settings: Settings) -> set[str]:
+    """Every HTTP operation the app routes, as "METHOD /path" with OpenAPI-style parameters."""
+    found: set[str] = set()
+
+    def walk(routes: list[BaseRoute], prefix: str) -> None:
+        for route in routes:
+            if isinstance(route, Mount):
+                walk(list(route.routes), prefix + route.path)
+            elif isinstance(route, Route):
+                path = re.sub(r"\{(\w+):\w+\}", r"{\1}", prefix + route.path)
+                found.update(f"{m} {path}" for m in route.methods or () if m != "HEAD")
+
+    walk(list(create_app(settings).routes), "")
+    return found
+
+
+def test_the_description_covers_every_route_and_nothing_else() -> None:
+    settings = Settings()
+    document = build_openapi(settings)
+    described = {
+        f"{method.upper()} {path}"
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    assert described == app_operations(settings)
+
+
+def test_request_schemas_are_the_validating_models() -> None:
+    schemas = build_openapi(Settings())["components"]["schemas"]
+    for model, name in [
+        (GenerateRequest, "GenerateRequest"),
+        (ChatCompletionRequest, "ChatCompletionRequest"),
+        (CompletionRequest, "CompletionRequest"),
+        (EmbeddingRequest, "EmbeddingRequest"),
+    ]:
+        assert set(schemas[name]["properties"]) == set(model.model_fields), name
+    generate = build_openapi(Settings())["paths"]["/api/generate"]["post"]
+    body_schema = generate["requestBody"]["content"]["application/json"]["schema"]
+    assert body_schema == {"$ref": "#/components/schemas/GenerateRequest"}
+
+
+def test_security_and_limits_are_described_only_when_configured(tmp_path: Path) -> None:
+    plain = build_openapi(Settings())
+    assert "security" not in plain and "securitySchemes" not in plain["components"]
+    generate = plain["paths"]["/api/generate"]["post"]["responses"]
+    assert "401" not in generate and "429" not in generate and "403" in generate
+    guarded = build_openapi(Settings(api_keys=["k"], rate_limit=60))
+    assert {"bearer", "apiKeyHeader"} == set(guarded["components"]["securitySchemes"])
+    responses = guarded["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert responses["401"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/OpenAIError"
+    )
+    assert "429" in responses
+    health = guarded["paths"]["/api/health"]["get"]
+    assert health["security"] == [] and "401" not in health["responses"]
+
+
+def test_openapi_json_is_public_even_with_keys(
+    server_factory: Callable[[Settings], str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    url = server_factory(isolated_settings(tiny_model_dir, tmp_path, api_keys=["secret-key"]))
+    response = httpx.get(f"{url}/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.1")
+    assert "secret-key" not in response.text
+    assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]

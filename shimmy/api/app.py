@@ -25,7 +25,8 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shimmy.api import admin, errors, native, openai, openapi, ws
+from shimmy.api import admin, batch, errors, locallab, metrics, native, openai, openapi, system, ws
+from shimmy.api.access_log import AccessLogMiddleware
 from shimmy.api.ratelimit import RateLimitMiddleware
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.errors import PayloadTooLarge, ShimmyError
@@ -144,8 +145,15 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             *ws.routes,
             Mount("/v1", routes=openai.routes),
             *openapi.routes,
+            *batch.routes,
+            *system.routes,
+            *metrics.routes,
+            *locallab.routes,
         ],
         middleware=[
+            # Outermost, so responses made by the middleware below are logged and counted too.
+            Middleware(AccessLogMiddleware),
+            Middleware(metrics.MetricsMiddleware),
             Middleware(CatchAllMiddleware),
             Middleware(RequestCounterMiddleware),
             # Order matters: foreign hosts and origins are refused before anything else (and
@@ -166,6 +174,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     )
     app.state.settings = settings
     app.state.registry = registry if registry is not None else ModelRegistry(settings)
+    # Every generation of every engine reports its tokens and latencies to this app's metrics.
+    app.state.registry.on_finish = metrics.metrics_for(app).engine_finished
     app.state.started_at = time.monotonic()
     app.state.request_count = 0
     return app

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from shimmy import __version__
+from shimmy.api.access_log import annotate
 from shimmy.api.errors import native_error_body, unexpected_error
 from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.schemas import parse_generate_request, parse_json, to_generation
@@ -38,12 +39,14 @@ async def generate(request: Request) -> Response:
     engine = await _registry(request).get_engine(
         body.model, keep_alive=body.keep_alive, wait=wants_to_wait(request)
     )
+    annotate(request, model=engine.entry.id)
     generation = await to_generation(body, engine, settings)
     created = int(time.time())
     stream = engine.submit(generation)
     if body.stream:
         return await _streaming_response(stream)
     text, finished = await _collect_unless_disconnected(stream, request)
+    annotate(request, usage=finished.usage)
     return JSONResponse(
         {
             "id": f"gen-{uuid.uuid4().hex}",

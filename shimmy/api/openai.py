@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from shimmy import __version__
+from shimmy.api.access_log import annotate
 from shimmy.api.errors import openai_error_body, unexpected_error
 from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.openai_schemas import (
@@ -435,6 +436,7 @@ async def chat_completions(request: Request) -> Response:
     body = parse_body(ChatCompletionRequest, parse_json(await request.body()))
     body.check_single_choice()
     engine = await _registry(request).get_engine(body.model, wait=wants_to_wait(request))
+    annotate(request, model=engine.entry.id)
     plan = await _plan_chat(body, engine, _settings(request))
     [stream] = _submit_all(engine, [plan.generation])
     meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", engine.entry.id)
@@ -536,6 +538,7 @@ async def completions(request: Request) -> Response:
         raise InvalidRequest("streaming supports a single prompt", param="prompt")
     settings = _settings(request)
     engine = await _registry(request).get_engine(body.model, wait=wants_to_wait(request))
+    annotate(request, model=engine.entry.id)
     generations = [
         GenerationRequest(
             prompt=prompt,
@@ -631,6 +634,7 @@ async def embeddings(request: Request) -> Response:
     body = parse_body(EmbeddingRequest, parse_json(await request.body()))
     texts = body.texts()
     engine = await _registry(request).get_engine(body.model, wait=wants_to_wait(request))
+    annotate(request, model=engine.entry.id)
     result = await engine.embed(texts)
     if body.dimensions is not None and any(len(v) != body.dimensions for v in result.vectors):
         size = len(result.vectors[0]) if result.vectors else 0

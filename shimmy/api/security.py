@@ -315,7 +315,9 @@ class HostOriginMiddleware:
             return
         headers = Headers(scope=scope)
         host = headers.get("host")
-        if not self.hosts.allows(host):
+        # Every Host header counts: a second one must not slip past behind an allowed first.
+        hosts: list[str | None] = [*headers.getlist("host")] or [None]
+        if not all(self.hosts.allows(value) for value in hosts):
             refused = Forbidden("The Host header names a host this server does not serve")
             await reject(refused, scope, receive, send)
             return

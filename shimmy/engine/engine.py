@@ -159,6 +159,7 @@ class _Slot:
     max_new: int = 0
     generated: int = 0
     cached_at_start: int = 0
+    first_token_at: float = 0.0
     last_used: float = 0.0
 
     @property
@@ -184,6 +185,9 @@ class ModelEngine:
         # Set by the registry: how long to stay loaded when idle, and whom to tell when idle.
         self.keep_alive = settings.keep_alive
         self.on_idle: Callable[[], None] | None = None
+        # Called on the worker thread when a generation ends (metrics): model id, usage, time
+        # the request was queued, time of its first token (None if it produced none).
+        self.on_finish: Callable[[str, Usage, float, float | None], None] | None = None
         started = time.perf_counter()
         n_gpu_layers = (
             settings.n_gpu_layers if settings.n_gpu_layers is not None else default_gpu_layers()
@@ -502,6 +506,8 @@ class ModelEngine:
             self._finish(slot, "stop")
             return
         slot.generated += 1
+        if slot.generated == 1:
+            slot.first_token_at = time.monotonic()
         self.counters["tokens_generated"] += 1
         piece = self.model.token_bytes(token, self._piece_buf)
         logprobs = None
@@ -545,10 +551,20 @@ class ModelEngine:
         )
         stream = slot.job.stream
         self.counters["requests_" + reason] += 1
+        self._report_finish(slot, usage)
         # Free the slot before the client hears "finished", so anything it does next (stats,
         # another request) already sees the slot free.
         self._release(slot)
         stream.push(Finished(reason, usage))
+
+    def _report_finish(self, slot: _Slot, usage: Usage) -> None:
+        if self.on_finish is None or slot.job is None:
+            return
+        first = slot.first_token_at if slot.generated else None
+        try:
+            self.on_finish(self.entry.id, usage, slot.job.enqueued_at, first)
+        except Exception:  # metrics must never break generation
+            log.exception("on_finish hook failed")
 
     def _release(
         self, slot: _Slot, *, error: ShimmyError | None = None, drop_cache: bool = False
@@ -580,6 +596,7 @@ class ModelEngine:
             if job.stream.cancelled:
                 self.counters["requests_cancelled"] += 1
                 usage = Usage(len(slot.prompt), slot.generated, slot.cached_at_start)
+                self._report_finish(slot, usage)
                 # Mid-prompt the cache is still valid up to what was decoded: keep it.
                 self._release(slot)
                 job.stream.push(Finished("cancelled", usage))
