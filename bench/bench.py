@@ -398,7 +398,7 @@ def render_markdown(report: Report) -> str:
         ours, theirs = level_stats(shimmy, clients), level_stats(peer, clients)
         lines.append(
             row(
-                f"aggregate tok/s @ {clients} clients",
+                f"aggregate tok/s @ {clients} client{'' if clients == 1 else 's'}",
                 ours.aggregate_tps if ours else None,
                 theirs.aggregate_tps if theirs else None,
             )

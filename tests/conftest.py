@@ -126,3 +126,21 @@ def starter_server(
     settings = settings.model_copy(update={"model_paths": [starter_model_path]})
     with run_server(settings) as url:
         yield url
+
+
+@pytest.fixture
+def mirror() -> Iterator[Any]:
+    """A loopback HTTP server for model downloads (Range support, HF resolve layout): see
+    ``MirrorServer`` in test_pull.py."""
+    from test_pull import MirrorServer
+
+    server = MirrorServer()
+    # A short poll interval only makes shutdown() quick; requests never wait on it.
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

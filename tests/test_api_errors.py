@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from conftest import isolated_settings
+from conftest import isolated_settings, run_server
 from tiny_gguf import write_tiny_gguf
 
 from shimmy.api.app import create_app
@@ -258,28 +256,11 @@ class ExplodingRegistry:
         return None
 
 
-@contextlib.contextmanager
-def serve_app(app: Any) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 def test_unexpected_exceptions_are_500_without_internals(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
     entry = ModelEntry(id="boom", path=tmp_path / "boom.gguf", source="models_dir")
-    app = create_app(tiny_settings, registry=ExplodingRegistry(entry))  # type: ignore[arg-type]
-    with serve_app(app) as url:
+    with run_server(tiny_settings, ExplodingRegistry(entry)) as url:
         for stream in (False, True):
             response = httpx.post(
                 f"{url}/api/generate", json={"prompt": "x", "stream": stream}, timeout=60

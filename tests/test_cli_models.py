@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from conftest import isolated_settings, run_server
 from test_cli import cli_env, run_shimmy
 from test_pull import MirrorServer
 from tiny_gguf import write_tiny_gguf
-
-
-@pytest.fixture
-def mirror() -> Iterator[MirrorServer]:
-    server = MirrorServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 def test_pull_then_generate_then_rm(

@@ -214,17 +214,6 @@ def test_bad_config_file_stops_startup_with_a_clear_error(tmp_path: Path) -> Non
         load_config(config)
 
 
-@pytest.fixture
-def mirror() -> Any:
-    server = MirrorServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
 def test_pull_streams_progress_then_the_model_is_served_and_can_be_removed(
     three_models: Path, tmp_path: Path, server_factory: ServerFactory, mirror: MirrorServer
 ) -> None:

@@ -96,7 +96,7 @@ def test_generation_metrics_move(client: httpx.Client) -> None:
     )
     assert finished == 3
 
-    # Generations that go through observe_stream (the batch here) feed the token counters and
+    # Every generation (the engine's on_finish hook) feeds the token counters and
     # the latency histograms.
     completion_total = value(after, "shimmy_completion_tokens_total", **model)
     assert batch_usage["completion_tokens"] <= completion_total <= generated

@@ -8,7 +8,7 @@ import hashlib
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -137,20 +137,6 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(body[start:])
-
-
-@pytest.fixture
-def mirror() -> Iterator[MirrorServer]:
-    server = MirrorServer()
-    # A short poll interval only makes shutdown() quick; requests never wait on it.
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture

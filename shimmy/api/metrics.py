@@ -15,7 +15,7 @@ global default registry would mix their numbers). Three sources feed it:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -28,13 +28,13 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shimmy import __version__
-from shimmy.engine.types import Event, Finished, TextDelta, Usage
+from shimmy.engine.types import Usage
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.datastructures import State
 
-    from shimmy.engine.engine import GenerationStream, ModelEngine
+    from shimmy.engine.engine import ModelEngine
     from shimmy.registry import ModelRegistry
 
 UNMATCHED = "unmatched"
@@ -226,62 +226,6 @@ def metrics_for(app: Starlette) -> Metrics:
         metrics = Metrics(app.state.registry, app.state)
         app.state.metrics = metrics
     return metrics
-
-
-class ObservedStream:
-    """A ``GenerationStream`` that reports its generation to ``Metrics`` when it finishes.
-
-    Times are taken as the events reach the event loop, which is what a client experiences.
-    """
-
-    def __init__(self, stream: GenerationStream, metrics: Metrics, model: str) -> None:
-        self._stream = stream
-        self._metrics = metrics
-        self._model = model
-        self._submitted = time.monotonic()
-        self._first_token: float | None = None
-
-    def cancel(self) -> None:
-        self._stream.cancel()
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        event = await anext(self._stream)
-        if isinstance(event, TextDelta):
-            if self._first_token is None:
-                self._first_token = time.monotonic()
-        else:
-            self._metrics.record_generation(
-                self._model,
-                event.usage,
-                submitted=self._submitted,
-                first_token=self._first_token,
-                finished=time.monotonic(),
-            )
-        return event
-
-    async def collect(self) -> tuple[str, Finished]:
-        """All the text and the ``Finished`` event; cancels the generation if interrupted."""
-        parts: list[str] = []
-        finished: Finished | None = None
-        try:
-            async for event in self:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                else:
-                    finished = event
-        finally:
-            if finished is None:
-                self.cancel()
-        assert finished is not None
-        return "".join(parts), finished
-
-
-def observe_stream(stream: GenerationStream, metrics: Metrics, model: str) -> ObservedStream:
-    """Wrap a freshly submitted engine stream so its tokens and latencies are measured."""
-    return ObservedStream(stream, metrics, model)
 
 
 def endpoint_label(scope: Scope, root_path: str) -> str:

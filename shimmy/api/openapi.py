@@ -46,6 +46,9 @@ with `data: [DONE]`.
 `/ws/generate` (WebSocket, not describable here) takes `/api/generate` requests as JSON text
 frames and answers `{"token": ...}` frames, then `{"done": true, "finish_reason", "usage"}` or
 `{"error": {"code", "message"}}`; `{"cancel": true}` stops the running generation.
+
+Not described here: the LocalLab-compatible routes (`/generate`, `/chat`, `/models/...`,
+`/system/info`, `/health`) and the Prometheus `/metrics`.
 """
 
 
@@ -250,6 +253,44 @@ def response_schemas() -> dict[str, Schema]:
             {"status": {"enum": ["waiting", "downloading", "verifying", "success", "error"]}}
         ),
         "LoadRequest": _object({}, {"keep_alive": {"type": ["number", "string", "null"]}}),
+        "BatchRequest": {
+            **_object(
+                {
+                    "prompts": {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": 64,
+                    }
+                },
+                {"model": {"type": "string", "minLength": 1}, "max_tokens": _INT},
+            ),
+            "description": "The prompts, and the sampling fields of GenerateRequest shared by "
+            "all of them ('prompt', 'messages' and streaming are refused)",
+        },
+        "BatchResponse": _object(
+            {
+                "id": _STRING,
+                "model": _STRING,
+                "created": _INT,
+                "responses": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "index": _INT,
+                            "text": _STRING,
+                            "finish_reason": {"enum": ["stop", "length", "cancelled"]},
+                            "usage": _ref("Usage"),
+                        }
+                    ),
+                },
+                "usage": _ref("Usage"),
+            }
+        ),
+        "SystemInfo": _object(
+            {"models": {"type": "object"}, "memory": {"type": "object"}},
+            {"gpu": {"type": "object"}, "uptime_seconds": _NUMBER, "requests_total": _INT},
+        ),
         "ChatCompletion": _object(
             {
                 **openai_envelope,
@@ -405,6 +446,21 @@ def _paths(settings: Settings) -> dict[str, Schema]:
                 ),
                 errors=generation_errors,
                 body="GenerateRequest",
+            )
+        },
+        "/api/generate/batch": {
+            "post": ops.operation(
+                "Generate for several prompts at once",
+                _ok("One answer per prompt, in order", _json("BatchResponse")),
+                errors=generation_errors,
+                body="BatchRequest",
+            )
+        },
+        "/api/system": {
+            "get": ops.operation(
+                "Machine, build, GPU and model facts",
+                _ok("System facts", _json("SystemInfo")),
+                errors={},
             )
         },
         "/api/models": {

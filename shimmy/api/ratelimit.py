@@ -35,7 +35,8 @@ from shimmy.errors import RateLimited
 from shimmy.settings import Settings
 
 DEFAULT_MAX_CLIENTS = 10_000
-EXEMPT_PATHS = frozenset({"/api/health"})
+# Health checks: monitors poll them, and they cost nothing.
+EXEMPT_PATHS = frozenset({"/api/health", "/health"})
 # A cancel frame is tiny; anything longer is not worth parsing to find out.
 _MAX_CANCEL_FRAME_CHARS = 64
 

@@ -38,9 +38,10 @@ from shimmy.settings import Settings
 
 POLICY_VIOLATION = 1008
 
-# Paths anyone may read without a key: monitoring must work without secrets, and the API
-# description reveals nothing that the (open source) server does not.
-PUBLIC_PATHS = frozenset({"/api/health", "/openapi.json"})
+# Paths anyone may read without a key: health checks (native and LocalLab's) must work for
+# monitors without secrets, and the API description reveals nothing the open source server
+# does not.
+PUBLIC_PATHS = frozenset({"/api/health", "/health", "/openapi.json"})
 
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Shimmy-Wait"
