@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shimmy import __version__
+from shimmy.api.security import insecure_bind_warning, load_api_keys
 from shimmy.cli_models import (
     loaded_on_server,
     pull_with_progress,
@@ -335,15 +336,6 @@ def parse_bind(value: str) -> tuple[str | None, int | None]:
     return host or None, int(port_text)
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve anywhere
-
-
 def _listen(host: str, port: int) -> socket.socket:
     """Bind and listen before the server starts: the real port is known (port 0) for the
     banner, and clients that connect right away are queued by the kernel, not refused."""
@@ -410,6 +402,29 @@ def serve(
     max_loaded_models: Annotated[
         int | None, typer.Option("--max-loaded-models", help="Models kept in memory at once")
     ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option("--api-key-file", help="File with accepted API keys, one per line"),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host", metavar="HOST", help="Extra Host header to accept (repeatable)"
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        float | None,
+        typer.Option("--rate-limit", help="Requests per minute per client (default: off)"),
+    ] = None,
+    rate_burst: Annotated[
+        int | None, typer.Option("--rate-burst", help="Requests a client may burst")
+    ] = None,
+    graceful_timeout: Annotated[
+        int,
+        typer.Option(
+            "--graceful-timeout", help="Seconds in-flight requests get to finish on shutdown"
+        ),
+    ] = GRACEFUL_SHUTDOWN_SECONDS,
 ) -> None:
     """Run the HTTP + WebSocket server (native /api, OpenAI-compatible /v1)."""
     host, bind_port = parse_bind(bind) if bind is not None else (None, None)
@@ -421,7 +436,12 @@ def serve(
         cors_origins=cors_origin or None,
         keep_alive=keep_alive,
         max_loaded_models=max_loaded_models,
+        api_key_file=api_key_file,
+        allowed_hosts=allowed_host or None,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
     )
+    load_api_keys(settings)  # an unreadable or empty key file stops here, with one line
     registry = _registry(settings)
     if settings.default_model:
         registry.resolve(None)  # fail here, before listening, on an unusable --model
@@ -429,12 +449,9 @@ def serve(
     settings = settings.model_copy(update={"port": sock.getsockname()[1]})
     for line in _banner(settings, registry):
         _tell(line)
-    if not is_loopback(settings.host):
-        advice = "" if settings.api_keys else "; no API key is set (--api-key)"
-        _tell(
-            f"warning: {settings.host} is not a loopback address: other machines can reach "
-            f"shimmy{advice}"
-        )
+    warning = insecure_bind_warning(settings)
+    if warning:
+        _tell(f"warning: {warning}")
     import uvicorn
 
     from shimmy.api.app import create_app
@@ -447,9 +464,16 @@ def serve(
         ws="auto",  # websockets' sans-I/O protocol where available: the legacy one is deprecated
         server_header=False,
         access_log=False,  # shimmy.access logs one line per request, with model and tokens
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=graceful_timeout,
     )
     server = uvicorn.Server(config)
+
+    def terminated(signum: int, frame: object) -> None:
+        # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal, which would
+        # end the process with -15; as an interrupt it ends like Ctrl-C, with exit code 0.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from shimmy import __version__
-from shimmy.cli import is_loopback, parse_bind
+from shimmy.api.security import is_loopback_host as is_loopback
+from shimmy.cli import parse_bind
 from shimmy.errors import InvalidRequest
 
 CliRunner = Callable[..., subprocess.CompletedProcess[bytes]]
