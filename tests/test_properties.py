@@ -26,7 +26,10 @@ from shimmy.api.schemas import parse_generate_request, parse_json
 from shimmy.errors import InvalidRequest
 
 PROPERTY_SETTINGS = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
 )
 
 # --- arbitrary JSON -----------------------------------------------------------------------------

@@ -83,6 +83,9 @@ def test_no_server_errors_and_declared_responses(
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         database=None,
+        # The same examples on every run: CI stays reproducible; explore more by running with
+        # a higher MAX_EXAMPLES locally.
+        derandomize=True,
     )
     @given(case=operation.as_strategy())
     def check(case: schemathesis.Case) -> None:

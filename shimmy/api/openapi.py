@@ -363,7 +363,9 @@ def response_schemas() -> dict[str, Schema]:
 
 # --- operations ---------------------------------------------------------------------------------
 
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# No schema: OpenAPI 3.1 cannot describe the events of a stream (3.2's itemSchema can), and a
+# plain string schema would be read by validators as the shape of every event.
+_SSE: dict[str, Any] = {"text/event-stream": {}}
 
 
 def _json(name: str) -> dict[str, Any]:
