@@ -271,3 +271,56 @@ def test_any_corruption_of_the_header_is_refused_cleanly(
             assert not exc.details.startswith("unreadable"), exc.details  # no parser crash
             refused += 1
     assert refused > 0
+
+
+def _continuation_shard(path: Path, *, split_no: int = 1, split_count: int = 2) -> Path:
+    """What gguf-split writes after the first shard: split.* keys and tensors, no model
+    metadata (no general.architecture)."""
+    import struct
+
+    def string(text: str) -> bytes:
+        data = text.encode()
+        return struct.pack("<Q", len(data)) + data
+
+    uint16 = 2
+    kvs = b"".join(
+        string(key) + struct.pack("<IH", uint16, value)
+        for key, value in (("split.no", split_no), ("split.count", split_count))
+    )
+    tensor_info = (
+        string("blk.1.ffn_up.weight") + struct.pack("<IQQ", 1, 8, 0) + struct.pack("<Q", 0)
+    )
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, 2) + kvs + tensor_info
+    header += b"\0" * (-len(header) % 32)
+    path.write_bytes(header + b"\0" * 32)
+    return path
+
+
+def test_continuation_shards_need_no_model_metadata(tmp_path: Path) -> None:
+    shard = _continuation_shard(tmp_path / "m-00002-of-00002.gguf")
+    with pytest.raises(ModelUnusable, match="architecture"):
+        read_gguf_info(shard)
+    info = read_gguf_info(shard, continuation_shard=True)
+    assert info.split_count == 2 and info.split_index == 1
+    assert info.parameter_count == 8
+
+
+def test_split_model_made_by_gguf_split_is_one_usable_model(tmp_path: Path) -> None:
+    from shimmy.models.discovery import discover_models
+    from shimmy.settings import Settings
+
+    folder = tmp_path / "split"
+    folder.mkdir()
+    write_tiny_gguf(folder / "m-00001-of-00002.gguf")
+    _continuation_shard(folder / "m-00002-of-00002.gguf")
+    settings = Settings(
+        model_paths=[folder],
+        models_dir=tmp_path / "own",
+        scan_user_caches=False,
+        starter_model=False,
+        cache_dir=tmp_path / "cache",
+    )
+    [entry] = discover_models(settings)
+    assert entry.id == "m"
+    assert entry.error is None
+    assert len(entry.shards) == 2

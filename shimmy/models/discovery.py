@@ -358,7 +358,7 @@ def _make_entry(candidate: _Candidate, model_id: str) -> ModelEntry:
 
 def _read_shard(shard: Path) -> GGUFInfo:
     try:
-        return read_gguf_info(shard)
+        return read_gguf_info(shard, continuation_shard=True)
     except ModelUnusable as exc:
         raise ModelUnusable(f"shard {shard.name}: {exc.details}") from exc
 

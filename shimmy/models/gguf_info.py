@@ -85,7 +85,7 @@ class GGUFInfo:
     kv_bytes_per_token: int | None = None  # F16 K+V cache bytes one token costs; None if unknown
 
 
-def read_gguf_info(path: Path) -> GGUFInfo:
+def read_gguf_info(path: Path, *, continuation_shard: bool = False) -> GGUFInfo:
     """Read and validate ``path``'s GGUF header; raise ``ModelUnusable`` saying why it is not
     a usable GGUF file. Only the header pages are touched, never the tensor data."""
     try:
@@ -101,7 +101,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             version, tensor_count, kv_count = _check_fixed_header(head, st.st_size)
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 parser = _HeaderParser(buf, len(buf))
-                return parser.parse(path, version, tensor_count, kv_count)
+                return parser.parse(path, version, tensor_count, kv_count, continuation_shard)
     except ModelUnusable:
         raise
     except OSError as exc:
@@ -354,12 +354,42 @@ class _HeaderParser:
 
     # --- all of it ---------------------------------------------------------------------------
 
-    def parse(self, path: Path, version: int, tensor_count: int, kv_count: int) -> GGUFInfo:
+    def parse(
+        self,
+        path: Path,
+        version: int,
+        tensor_count: int,
+        kv_count: int,
+        continuation_shard: bool = False,
+    ) -> GGUFInfo:
         self._read_metadata(kv_count)
         parameters, spans = self._read_tensor_infos(tensor_count)
         self._check_tensor_data(spans)
 
         architecture = self.text(self.values.get("general.architecture"))
+        if continuation_shard:
+            # gguf-split writes the model's metadata into the first shard only; the others
+            # carry split.* keys and tensors, which are all there is to check.
+            architecture = architecture or ""
+            return GGUFInfo(
+                path=path,
+                file_size=self.size,
+                version=version,
+                tensor_count=tensor_count,
+                kv_count=kv_count,
+                architecture=architecture,
+                name=None,
+                size_label=None,
+                parameter_count=parameters,
+                file_type=None,
+                quantization="unknown",
+                context_length=None,
+                chat_template=None,
+                bos_token=None,
+                eos_token=None,
+                split_count=self.integer("split.count"),
+                split_index=self.integer("split.no"),
+            )
         # Well-formed GGUF files that llama.cpp still cannot serve as a model.
         if not architecture:
             raise ModelUnusable("GGUF file has no general.architecture, so it is not a model")
