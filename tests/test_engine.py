@@ -257,3 +257,39 @@ async def test_generation_still_works_after_embeddings(engine: ModelEngine) -> N
     text, finished = await run(engine, "after", max_tokens=5)
     assert finished.usage.completion_tokens == 5 or finished.finish_reason == "stop"
     assert isinstance(text, str)
+
+
+async def test_lora_adapter_changes_the_output_and_scale_zero_does_not(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    from tiny_gguf import write_tiny_lora
+
+    from shimmy.models.config import ModelOptions
+
+    adapter = write_tiny_lora(tmp_path / "style.gguf")
+    entry = ModelEntry(id="tiny", path=tiny_model_path, source="test")
+    settings = Settings(ctx_size=512, parallel=2, threads=2)
+    texts = {}
+    for label, options in {
+        "base": ModelOptions(),
+        "lora": ModelOptions(lora=adapter, lora_scale=1.0),
+        "off": ModelOptions(lora=adapter, lora_scale=0.0),
+    }.items():
+        eng = ModelEngine(entry, settings, options)
+        try:
+            texts[label], _ = await run(eng, "adapt", max_tokens=30, sampling=GREEDY)
+        finally:
+            eng.close()
+    assert texts["lora"] != texts["base"]
+    assert texts["off"] == texts["base"]
+
+
+def test_an_adapter_that_does_not_fit_is_refused(tiny_model_path: Path, tmp_path: Path) -> None:
+    from shimmy.errors import ModelUnusable
+    from shimmy.models.config import ModelOptions
+
+    not_an_adapter = tmp_path / "junk.gguf"
+    not_an_adapter.write_bytes(b"GGUF" + b"\0" * 64)
+    entry = ModelEntry(id="tiny", path=tiny_model_path, source="test")
+    with pytest.raises(ModelUnusable):
+        ModelEngine(entry, Settings(ctx_size=256, parallel=1), ModelOptions(lora=not_an_adapter))

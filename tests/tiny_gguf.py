@@ -118,3 +118,30 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tiny_lora(path: Path, *, rank: int = 4, seed: int = 99, strength: float = 2.0) -> Path:
+    """A LoRA adapter (GGUF) for the tiny model: low-rank updates of every attention and
+    feed-forward projection, strong enough to change its output."""
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    shapes = {  # name: (inputs, outputs), as the model's tensors are shaped
+        "attn_q": (N_EMBD, N_EMBD),
+        "attn_v": (N_EMBD, N_EMBD),
+        "ffn_up": (N_EMBD, N_FF),
+        "ffn_down": (N_FF, N_EMBD),
+    }
+    for layer in range(N_LAYER):
+        for name, (n_in, n_out) in shapes.items():
+            a = (rng.standard_normal((rank, n_in)) * strength).astype(np.float32)
+            b = (rng.standard_normal((n_out, rank)) * strength).astype(np.float32)
+            writer.add_tensor(f"blk.{layer}.{name}.weight.lora_a", a)
+            writer.add_tensor(f"blk.{layer}.{name}.weight.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
