@@ -36,7 +36,7 @@ $(BIN)/python:
 
 llama-cpp: $(BIN)/python
 	@if ! ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
-		echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(GPU) (once; ~8 min on 2 cores)"; \
+		echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(GPU) (once; about 6 min on 2 cores)"; \
 		mkdir -p $(WHEEL_CACHE); \
 		CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
 		CMAKE_ARGS="$(CMAKE_COMMON) $(CMAKE_GPU_$(GPU)) $(CMAKE_EXTRA)" \
