@@ -18,7 +18,9 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shimmy.api.asgi import run_and_report
 
 ACCESS_LOGGER = "shimmy.access"
 
@@ -94,12 +96,8 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # what the client gets if the app fails before answering
-        logged = False
 
-        def write(incomplete: bool) -> None:
-            nonlocal logged
-            logged = True
+        def write(status: int, complete: bool) -> None:
             fields: dict[str, Any] = {
                 "client": _client(scope),
                 "method": scope["method"],
@@ -108,24 +106,8 @@ class AccessLogMiddleware:
                 **request_facts(scope),
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1),
             }
-            if incomplete:
+            if not complete:
                 fields["incomplete"] = True
             self.logger.info(format_line(fields), extra=fields)
 
-        async def logging_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif (
-                message["type"] == "http.response.body"
-                and not message.get("more_body", False)
-                and not logged
-            ):
-                write(incomplete=False)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, logging_send)
-        finally:
-            if not logged:
-                write(incomplete=True)
+        await run_and_report(self.app, scope, receive, send, write)

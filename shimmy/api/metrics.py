@@ -25,9 +25,10 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shimmy import __version__
+from shimmy.api.asgi import run_and_report
 from shimmy.engine.types import Usage
 
 if TYPE_CHECKING:
@@ -256,34 +257,14 @@ class MetricsMiddleware:
         metrics = metrics_for(scope["app"])
         root_path = str(scope.get("root_path", ""))
         started = time.perf_counter()
-        status = 500
-        recorded = False
 
-        def record() -> None:
-            nonlocal recorded
-            recorded = True
+        def record(status: int, _complete: bool) -> None:
             elapsed = time.perf_counter() - started
             metrics.observe_request(
                 endpoint_label(scope, root_path), scope["method"], status, elapsed
             )
 
-        async def metered_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif (
-                message["type"] == "http.response.body"
-                and not message.get("more_body", False)
-                and not recorded
-            ):
-                record()
-            await send(message)
-
-        try:
-            await self.app(scope, receive, metered_send)
-        finally:
-            if not recorded:
-                record()
+        await run_and_report(self.app, scope, receive, send, record)
 
 
 async def metrics_endpoint(request: Request) -> Response:

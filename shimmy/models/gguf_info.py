@@ -367,36 +367,13 @@ class _HeaderParser:
         self._check_tensor_data(spans)
 
         architecture = self.text(self.values.get("general.architecture"))
+        # gguf-split writes the model's metadata into the first shard only; later shards carry
+        # split.* keys and tensors, which is all there is to check in them.
         if continuation_shard:
-            # gguf-split writes the model's metadata into the first shard only; the others
-            # carry split.* keys and tensors, which are all there is to check.
             architecture = architecture or ""
-            return GGUFInfo(
-                path=path,
-                file_size=self.size,
-                version=version,
-                tensor_count=tensor_count,
-                kv_count=kv_count,
-                architecture=architecture,
-                name=None,
-                size_label=None,
-                parameter_count=parameters,
-                file_type=None,
-                quantization="unknown",
-                context_length=None,
-                chat_template=None,
-                bos_token=None,
-                eos_token=None,
-                split_count=self.integer("split.count"),
-                split_index=self.integer("split.no"),
-            )
-        # Well-formed GGUF files that llama.cpp still cannot serve as a model.
-        if not architecture:
-            raise ModelUnusable("GGUF file has no general.architecture, so it is not a model")
-        if self.text(self.values.get("general.type")) == "adapter":
-            raise ModelUnusable("this is a LoRA adapter, not a model")
-        if tensor_count == 0:
-            raise ModelUnusable("GGUF file has no tensors (a vocabulary-only file?)")
+        else:
+            self._check_is_a_model(architecture, tensor_count)
+        assert architecture is not None
         file_type = self.integer("general.file_type")
         tokens = self.values.get(_TOKENS_KEY)
         bos_token = eos_token = None
@@ -426,6 +403,15 @@ class _HeaderParser:
             split_index=self.integer("split.no"),
             kv_bytes_per_token=self._kv_bytes_per_token(architecture),
         )
+
+    def _check_is_a_model(self, architecture: str | None, tensor_count: int) -> None:
+        """Refuse well-formed GGUF files that llama.cpp still cannot serve as a model."""
+        if not architecture:
+            raise ModelUnusable("GGUF file has no general.architecture, so it is not a model")
+        if self.text(self.values.get("general.type")) == "adapter":
+            raise ModelUnusable("this is a LoRA adapter, not a model")
+        if tensor_count == 0:
+            raise ModelUnusable("GGUF file has no tensors (a vocabulary-only file?)")
 
     def _kv_bytes_per_token(self, arch: str) -> int | None:
         """Estimate of the KV cache a token costs (F16 K and V in every layer), for memory
