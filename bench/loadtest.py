@@ -187,20 +187,35 @@ async def openai_json(http: httpx.AsyncClient, out: Outcome, max_tokens: int) ->
     )
 
 
-async def native_sse(
-    http: httpx.AsyncClient, out: Outcome, max_tokens: int, cut_after: int | None
-) -> None:
-    body = {"prompt": random.choice(PROMPTS), "max_tokens": max_tokens, "stream": True}
-    async with http.stream("POST", "/api/generate", json=body) as response:
+async def read_events(
+    http: httpx.AsyncClient,
+    path: str,
+    body: dict[str, object],
+    out: Outcome,
+    cut_after: int | None,
+) -> list[str] | None:
+    """POST a streaming request and collect its SSE data lines; None when the request failed
+    or when this client hangs up after ``cut_after`` events (a deliberate disconnect)."""
+    async with http.stream("POST", path, json=body) as response:
         out.status = response.status_code
         if response.status_code != 200:
             out.problem = (await response.aread()).decode(errors="replace")[:200]
-            return
+            return None
         events: list[str] = []
         async for data in sse_data(response):
             events.append(data)
             if cut_after is not None and len(events) >= cut_after:
-                return  # leaving the block drops the connection mid-stream
+                return None  # leaving the block drops the connection mid-stream
+    return events
+
+
+async def native_sse(
+    http: httpx.AsyncClient, out: Outcome, max_tokens: int, cut_after: int | None
+) -> None:
+    body = {"prompt": random.choice(PROMPTS), "max_tokens": max_tokens, "stream": True}
+    events = await read_events(http, "/api/generate", body, out, cut_after)
+    if events is None:
+        return
     if len(events) < 2 or events[-1] != "[DONE]":
         out.problem = f"stream ended without [DONE]: {events[-2:]}"
         return
@@ -227,16 +242,9 @@ async def openai_sse(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        out.status = response.status_code
-        if response.status_code != 200:
-            out.problem = (await response.aread()).decode(errors="replace")[:200]
-            return
-        events: list[str] = []
-        async for data in sse_data(response):
-            events.append(data)
-            if cut_after is not None and len(events) >= cut_after:
-                return
+    events = await read_events(http, "/v1/chat/completions", body, out, cut_after)
+    if events is None:
+        return
     if len(events) < 3 or events[-1] != "[DONE]":
         out.problem = f"stream ended without [DONE]: {events[-2:]}"
         return

@@ -20,6 +20,8 @@ from tiny_gguf import write_tiny_gguf
 from shimmy.settings import Settings
 
 TINY_ID = "tiny"
+# A context so large that a generation runs long enough to interrupt, stall or time out.
+LONG_CONTEXT = 32768
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +146,29 @@ def mirror() -> Iterator[Any]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny model (id ``tiny``) with a ``LONG_CONTEXT`` training context."""
+    folder = tmp_path_factory.mktemp("long-models")
+    write_tiny_gguf(folder / "tiny.gguf", context_length=LONG_CONTEXT)
+    return folder
+
+
+@pytest.fixture
+def long_server(
+    long_model_dir: Path, tmp_path: Path, server_factory: Callable[..., str]
+) -> Callable[..., str]:
+    """Start a server on the long-context tiny model (one slot unless overridden)."""
+
+    def start(**overrides: Any) -> str:
+        values: dict[str, Any] = {
+            "ctx_size": LONG_CONTEXT,
+            "parallel": 1,
+            "max_tokens_cap": LONG_CONTEXT,
+            **overrides,
+        }
+        return server_factory(isolated_settings(long_model_dir, tmp_path, **values))
+
+    return start

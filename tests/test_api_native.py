@@ -9,17 +9,13 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import isolated_settings
-from tiny_gguf import write_tiny_gguf
+from conftest import LONG_CONTEXT
 
 from shimmy.settings import Settings
-
-LONG_CONTEXT = 32768
 
 
 def generate(url: str, **body: Any) -> dict[str, Any]:
@@ -57,25 +53,6 @@ def health(url: str) -> dict[str, Any]:
 def wait_until_idle(url: str, polls: int = 200) -> bool:
     """Poll /api/health (each poll a real request, no sleeps) until no slot is busy."""
     return any(health(url)["slots"]["busy"] == 0 for _ in range(polls))
-
-
-@pytest.fixture
-def long_server(tmp_path: Path, server_factory: Callable[[Settings], str]) -> Callable[..., str]:
-    """A server on a tiny model with a large context: generations long enough to interrupt."""
-    folder = tmp_path / "long-models"
-    folder.mkdir()
-    write_tiny_gguf(folder / "tiny.gguf", context_length=LONG_CONTEXT)
-
-    def start(**overrides: Any) -> str:
-        values: dict[str, Any] = {
-            "ctx_size": LONG_CONTEXT,
-            "parallel": 1,
-            "max_tokens_cap": LONG_CONTEXT,
-        }
-        values.update(overrides)
-        return server_factory(isolated_settings(folder, tmp_path, **values))
-
-    return start
 
 
 @pytest.fixture

@@ -15,13 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import isolated_settings
+from conftest import LONG_CONTEXT, isolated_settings
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_gguf import write_tiny_gguf
 
 from shimmy.settings import Settings
 
-LONG_CONTEXT = 32768
 PROMPTS = ["a", "the cat", "in the beginning there was", "x y z"]
 
 
@@ -153,17 +151,8 @@ def _cancelled(url: str) -> float:
     raise AssertionError("no shimmy_engine_requests_finished in /metrics")
 
 
-def test_client_disconnect_cancels_every_generation(
-    tmp_path: Path, server_factory: Callable[[Settings], str]
-) -> None:
-    folder = tmp_path / "long-models"
-    folder.mkdir()
-    write_tiny_gguf(folder / "tiny.gguf", context_length=LONG_CONTEXT)
-    url = server_factory(
-        isolated_settings(
-            folder, tmp_path, ctx_size=LONG_CONTEXT, parallel=2, max_tokens_cap=LONG_CONTEXT
-        )
-    )
+def test_client_disconnect_cancels_every_generation(long_server: Callable[..., str]) -> None:
+    url = long_server(parallel=2)
     body = json.dumps({"model": "tiny", "prompts": ["go", "on"], "max_tokens": LONG_CONTEXT - 100})
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as raw:

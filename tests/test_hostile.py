@@ -19,20 +19,18 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import isolated_settings, run_server
+from conftest import LONG_CONTEXT, isolated_settings, run_server
 from tiny_gguf import write_tiny_gguf
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
-
-from shimmy.settings import Settings
 
 API_KEY = "hostile-suite-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -453,7 +451,6 @@ def test_websocket_from_a_local_page_is_allowed(hostile_server: str) -> None:
 
 # --- a client that never reads ------------------------------------------------------------------
 
-LONG_CONTEXT = 32768
 POLL_INTERVAL = 0.1
 POLL_LIMIT_SECONDS = 60
 
@@ -470,23 +467,11 @@ def wait_until_idle(url: str) -> bool:
 
 
 def test_a_reader_that_stalls_is_cut_by_the_request_timeout(
-    tmp_path: Path, server_factory: Any
+    long_server: Callable[..., str],
 ) -> None:
     # A context so long that generating all of it takes far longer than the timeout (attention
     # cost grows with every token), so only the timeout can free the slot in time.
-    models = tmp_path / "models"
-    models.mkdir()
-    write_tiny_gguf(models / "tiny.gguf", context_length=LONG_CONTEXT)
-    settings: Settings = isolated_settings(
-        models,
-        tmp_path,
-        ctx_size=LONG_CONTEXT,
-        max_tokens_cap=LONG_CONTEXT,
-        parallel=1,
-        threads=1,
-        request_timeout=2.0,
-    )
-    url = server_factory(settings)
+    url = long_server(threads=1, request_timeout=2.0)
     port = int(url.rsplit(":", 1)[1])
     body = json.dumps(gen(max_tokens=LONG_CONTEXT, stream=True)).encode()
     request = (

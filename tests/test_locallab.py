@@ -15,14 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import isolated_settings
+from conftest import LONG_CONTEXT, isolated_settings
 from locallab_client import LocalLabClient, SyncLocalLabClient
 from tiny_gguf import write_tiny_gguf
 
 from shimmy.api.locallab import carry_trailing_whitespace
 from shimmy.settings import Settings
 
-LONG_CONTEXT = 32768
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Say something."},
@@ -249,15 +248,8 @@ def test_current_model_is_the_one_loaded_last(
         assert http.get("/models/current").json()["id"] == "alpha"
 
 
-def test_max_time_ends_the_generation(
-    tmp_path: Path, server_factory: Callable[[Settings], str]
-) -> None:
-    folder = tmp_path / "long-models"
-    folder.mkdir()
-    write_tiny_gguf(folder / "tiny.gguf", context_length=LONG_CONTEXT)
-    url = server_factory(
-        isolated_settings(folder, tmp_path, ctx_size=LONG_CONTEXT, max_tokens_cap=LONG_CONTEXT)
-    )
+def test_max_time_ends_the_generation(long_server: Callable[..., str]) -> None:
+    url = long_server(parallel=4)
     body = {"prompt": "go", "max_length": LONG_CONTEXT - 100, "max_time": 0.2}
     data = httpx.post(f"{url}/generate", json=body, timeout=60).json()
     assert data["finish_reason"] == "cancelled"

@@ -5,18 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import isolated_settings
-from tiny_gguf import write_tiny_gguf
+from conftest import LONG_CONTEXT
 from websockets.sync.client import ClientConnection, connect
 
 from shimmy.settings import Settings
 
-LONG_CONTEXT = 32768
 LONG_REQUEST = {"model": "tiny", "prompt": "go", "max_tokens": LONG_CONTEXT - 100}
 
 
@@ -64,18 +61,6 @@ def ws_to(tiny_server: str) -> Iterator[Callable[..., ClientConnection]]:
             return stack.enter_context(connect(ws_url(http_url), open_timeout=30))
 
         yield open_connection
-
-
-@pytest.fixture
-def long_server(tmp_path: Path, server_factory: Callable[[Settings], str]) -> str:
-    """A tiny model with a large context, so a generation runs long enough to interrupt."""
-    folder = tmp_path / "long-models"
-    folder.mkdir()
-    write_tiny_gguf(folder / "tiny.gguf", context_length=LONG_CONTEXT)
-    settings = isolated_settings(
-        folder, tmp_path, ctx_size=LONG_CONTEXT, parallel=1, max_tokens_cap=LONG_CONTEXT
-    )
-    return server_factory(settings)
 
 
 def test_two_requests_on_one_connection(ws_to: Callable[..., ClientConnection]) -> None:
@@ -181,9 +166,10 @@ def test_cancel_when_idle_is_ignored(ws_to: Callable[..., ClientConnection]) -> 
 
 
 def test_cancel_stops_the_running_generation(
-    long_server: str, ws_to: Callable[..., ClientConnection]
+    long_server: Callable[..., str], ws_to: Callable[..., ClientConnection]
 ) -> None:
-    ws = ws_to(long_server)
+    url = long_server()
+    ws = ws_to(url)
     ws.send(json.dumps(LONG_REQUEST))
     assert "token" in receive(ws)
     ws.send(json.dumps({"cancel": True}))
@@ -191,23 +177,24 @@ def test_cancel_stops_the_running_generation(
     assert done["done"] is True
     assert done["finish_reason"] == "cancelled"
     assert 0 < done["usage"]["completion_tokens"] < LONG_REQUEST["max_tokens"]  # type: ignore[operator]
-    assert busy_slots(long_server) == 0  # the slot is free before "done" is sent
+    assert busy_slots(url) == 0  # the slot is free before "done" is sent
 
     _, done = run_request(ws, {"prompt": "next", "max_tokens": 3})
     assert done["finish_reason"] == "length"
 
 
 def test_disconnect_cancels_the_running_generation(
-    long_server: str, ws_to: Callable[..., ClientConnection]
+    long_server: Callable[..., str], ws_to: Callable[..., ClientConnection]
 ) -> None:
-    ws = ws_to(long_server)
+    url = long_server()
+    ws = ws_to(url)
     ws.send(json.dumps(LONG_REQUEST))
     assert "token" in receive(ws)
-    assert busy_slots(long_server) == 1
+    assert busy_slots(url) == 1
     ws.close()
     # Each poll is a real request; no sleeps. A generation that kept running would stay busy
     # far longer than these polls take.
-    assert any(busy_slots(long_server) == 0 for _ in range(200))
+    assert any(busy_slots(url) == 0 for _ in range(200))
 
 
 @pytest.mark.starter
