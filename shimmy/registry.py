@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -49,6 +50,9 @@ class ModelRegistry:
         self.load_counts: dict[str, int] = {}
         # Given to every engine: see ModelEngine.on_finish (the app's metrics set it).
         self.on_finish: Callable[[str, Usage, float, float | None], None] | None = None
+        # Told (model id, fraction 0..1) as llama.cpp reads a model's weights; called on the
+        # loading thread. The CLI draws its progress bar from it.
+        self.on_load_progress: Callable[[str, float], None] | None = None
         self._wake_reaper: asyncio.Event | None = None
 
     # --- discovery -----------------------------------------------------------------------
@@ -169,7 +173,11 @@ class ModelRegistry:
         options = self.config.options_for(entry.id)
         await self._make_room(entry, options)
         log.info("loading %s from %s", entry.id, entry.path)
-        engine = await asyncio.to_thread(self._engine_factory, entry, self.settings, options)
+        report = self.on_load_progress
+        load = functools.partial(self._engine_factory, entry, self.settings, options)
+        if report is not None:
+            load = functools.partial(load, on_load_progress=functools.partial(report, entry.id))
+        engine = await asyncio.to_thread(load)
         self.load_counts[entry.id] = self.load_counts.get(entry.id, 0) + 1
         log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
         loop = asyncio.get_running_loop()

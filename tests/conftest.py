@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cli_helpers import CliRunner, cli_env, run_shimmy
 from tiny_gguf import write_tiny_gguf
 
 from shimmy.settings import Settings
@@ -172,3 +174,15 @@ def long_server(
         return server_factory(isolated_settings(long_model_dir, tmp_path, **values))
 
     return start
+
+
+@pytest.fixture
+def shimmy_cli(tiny_model_dir: Path, tmp_path: Path) -> CliRunner:
+    """Run ``shimmy ARGS...`` against a world holding only the tiny model."""
+
+    def run(
+        *args: str, stdin: bytes | None = None, **env: str
+    ) -> subprocess.CompletedProcess[bytes]:
+        return run_shimmy(args, cli_env(tiny_model_dir, tmp_path, **env), stdin)
+
+    return run

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import httpx
+from cli_helpers import cli_env, run_shimmy
 from conftest import isolated_settings, run_server
-from test_cli import cli_env, run_shimmy
 from test_pull import MirrorServer
 from tiny_gguf import write_tiny_gguf
 

@@ -17,6 +17,7 @@ from test_pull import MirrorServer
 from tiny_gguf import write_tiny_gguf
 
 from shimmy.engine.engine import ModelEngine
+from shimmy.engine.types import GenerationRequest
 from shimmy.models.config import ModelOptions
 from shimmy.models.entry import ModelEntry
 from shimmy.registry import ModelRegistry
@@ -279,3 +280,37 @@ def test_pull_of_an_invalid_source_is_a_400(
     response = httpx.post(f"{url}/api/pull", json={"model": "ftp://x/y.gguf"}, timeout=30)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+async def test_load_progress_reaches_one_for_the_loading_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(isolated_settings(tiny_model_dir, tmp_path))
+    registry.discover()
+    reports: list[tuple[str, float]] = []
+    registry.on_load_progress = lambda model_id, fraction: reports.append((model_id, fraction))
+    try:
+        await registry.get_engine("tiny")
+    finally:
+        await registry.aclose()
+    fractions = [fraction for _, fraction in reports]
+    assert {model_id for model_id, _ in reports} == {"tiny"}
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+async def test_a_failing_progress_observer_does_not_fail_the_load(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(isolated_settings(tiny_model_dir, tmp_path))
+    registry.discover()
+
+    def broken(model_id: str, fraction: float) -> None:
+        raise RuntimeError("observer bug")
+
+    registry.on_load_progress = broken
+    try:
+        engine = await registry.get_engine("tiny")
+        _, finished = await engine.submit(GenerationRequest(prompt="Hi", max_tokens=2)).collect()
+        assert finished.usage.completion_tokens >= 1
+    finally:
+        await registry.aclose()

@@ -114,7 +114,14 @@ class GenerationStream:
     async def __anext__(self) -> Event:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._queue.empty():
+            item = await self._queue.get()
+        else:
+            # Queue.get() does not suspend when an item is waiting: a consumer that never
+            # blocks (a fast model read by a synchronous writer) would then never see its own
+            # cancellation (Ctrl-C) and would starve every other task on the loop.
+            await asyncio.sleep(0)
+            item = self._queue.get_nowait()
         if isinstance(item, ShimmyError):
             self._done = True
             raise item
@@ -169,7 +176,12 @@ class _Slot:
 
 class ModelEngine:
     def __init__(
-        self, entry: ModelEntry, settings: Settings, options: ModelOptions | None = None
+        self,
+        entry: ModelEntry,
+        settings: Settings,
+        options: ModelOptions | None = None,
+        *,
+        on_load_progress: Callable[[float], None] | None = None,
     ) -> None:
         quiet_llama_logs(settings.log_level == "debug")
         self.options = options or ModelOptions()
@@ -192,7 +204,9 @@ class ModelEngine:
         n_gpu_layers = (
             settings.n_gpu_layers if settings.n_gpu_layers is not None else default_gpu_layers()
         )
-        self.model = LlamaModel(entry.path, n_gpu_layers=n_gpu_layers)
+        self.model = LlamaModel(
+            entry.path, n_gpu_layers=n_gpu_layers, on_progress=on_load_progress
+        )
         self.n_gpu_layers = n_gpu_layers
         self.n_ctx = min(settings.ctx_size, self.model.n_ctx_train or settings.ctx_size)
         self.n_parallel = settings.parallel

@@ -6,9 +6,11 @@ is immutable after load, so tokenizing from another thread is safe).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +63,33 @@ class ContextConfig:
     kv_unified: bool = False
 
 
+def _progress_reporter(on_progress: Callable[[float], None]) -> Callable[[float, object], bool]:
+    def report(fraction: float, _user_data: object) -> bool:
+        # An exception cannot cross into C; a failing observer must not fail the load.
+        with contextlib.suppress(Exception):
+            on_progress(min(max(float(fraction), 0.0), 1.0))
+        return True  # False would abort the load
+
+    return report
+
+
 class LlamaModel:
     """A loaded model (weights) and its vocabulary."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_gpu_layers: int,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if on_progress is not None:
+            # Bound to a local so the ctypes thunk outlives the (synchronous) load.
+            progress_thunk = llama_cpp.llama_progress_callback(_progress_reporter(on_progress))
+            params.progress_callback = progress_thunk
         ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise ModelUnusable(f"llama.cpp could not load {path.name}")

@@ -1,13 +1,15 @@
-"""Model management for the CLI: pull, rm, and asking a running server what it has loaded."""
+"""``shimmy pull``, ``rm`` and ``ps``: managing model files, and asking a running server what
+it has loaded."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -17,7 +19,12 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
+from rich.text import Text
 
+from shimmy.cli.options import CommonOptions, build_settings, with_common_options
+from shimmy.cli.output import print_json, stdout_console, tell, write_stdout
+from shimmy.diag import format_size
 from shimmy.errors import ModelNotFound, ServerError, ShimmyError, UpstreamFailed
 from shimmy.models.discovery import discover_models
 from shimmy.models.pull import parse_source, pull_model
@@ -109,3 +116,58 @@ def require_loaded_on_server(settings: Settings) -> list[dict[str, Any]]:
     if models is None:
         raise ShimmyError(f"no shimmy server answers at {server_url(settings)}")
     return models
+
+
+@with_common_options
+def pull(
+    common: CommonOptions,
+    source: Annotated[
+        str, typer.Argument(help="hf://OWNER/REPO/FILE.gguf, or an http(s):// URL of a .gguf")
+    ],
+) -> None:
+    """Download a model into shimmy's models folder (resumable, verified)."""
+    settings = build_settings(common)
+    model_id = pull_with_progress(source, settings, Console(stderr=True))
+    tell(f"pulled {model_id} into {settings.models_dir}")
+    write_stdout(model_id + "\n")
+
+
+@with_common_options
+def remove(
+    common: CommonOptions,
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="The model id to delete")],
+) -> None:
+    """Delete a model from shimmy's own models folder (never anything outside it)."""
+    settings = build_settings(common)
+    for path in remove_local_model(model_id, settings):
+        tell(f"deleted {path}")
+
+
+@with_common_options
+def ps(
+    common: CommonOptions,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """List the models a running shimmy server has loaded (at --bind / SHIMMY_HOST:PORT)."""
+    settings = build_settings(common)
+    models = require_loaded_on_server(settings)
+    if as_json:
+        print_json({"models": models})
+        return
+    if not models:
+        tell(f"no models loaded at {server_url(settings)}")
+        return
+    table = Table()
+    for heading in ("ID", "MEMORY", "BUSY", "QUEUED", "IDLE", "UNLOADS IN"):
+        table.add_column(heading)
+    for model in models:
+        expires = model.get("expires_in")
+        table.add_row(
+            Text(str(model["id"])),
+            format_size(int(model.get("memory_bytes") or 0)),
+            f"{model.get('busy', 0)}/{model.get('slots', 0)}",
+            str(model.get("queued", 0)),
+            f"{model.get('idle_seconds', 0):.0f}s",
+            "never" if expires is None else f"{expires:.0f}s",
+        )
+    stdout_console().print(table)

@@ -1,0 +1,197 @@
+"""``shimmy serve``: bind, print the banner, run uvicorn until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from shimmy import __version__
+from shimmy.api.security import insecure_bind_warning, load_api_keys
+from shimmy.cli.options import (
+    CommonOptions,
+    build_settings,
+    discovered_registry,
+    with_common_options,
+)
+from shimmy.cli.output import tell
+from shimmy.diag import searched_folders
+from shimmy.errors import InvalidRequest, ServerError
+from shimmy.settings import Settings
+
+if TYPE_CHECKING:
+    from shimmy.registry import ModelRegistry
+
+# Open connections (a long stream, an idle WebSocket) must not keep Ctrl-C waiting forever.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def parse_bind(value: str) -> tuple[str | None, int | None]:
+    """``HOST:PORT``, ``HOST``, ``:PORT``, ``[IPv6]:PORT``, ``[IPv6]`` or a bare IPv6 address."""
+    value = value.strip()
+    host: str | None
+    port_text: str | None = None
+    if value.startswith("["):
+        inside, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise InvalidRequest(f"cannot parse --bind '{value}': expected [ADDRESS]:PORT")
+        host, port_text = inside, rest[1:] or None
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        host = value  # a hostname, an IPv4 address, or a bare IPv6 address
+    if port_text is None:
+        return host or None, None
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise InvalidRequest(f"cannot parse --bind '{value}': bad port '{port_text}'")
+    return host or None, int(port_text)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen before the server starts: the real port is known (port 0) for the
+    banner, and clients that connect right away are queued by the kernel, not refused."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ServerError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        if port != 0:  # restart at once on a fixed port whose old connections linger
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise ServerError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def _banner(settings: Settings, registry: ModelRegistry) -> list[str]:
+    from shimmy.engine.llama import gpu_offload_supported
+
+    folders = ", ".join(
+        str(path) + ("" if path.exists() else " (missing)")
+        for _, path in searched_folders(settings)
+    )
+    if gpu_offload_supported():
+        layers = "all" if settings.n_gpu_layers in (None, -1) else str(settings.n_gpu_layers)
+        backend = f"llama.cpp with GPU offload ({layers} layers)"
+    else:
+        backend = "llama.cpp on CPU (this build has no GPU offload)"
+    return [
+        f"shimmy {__version__} listening on {settings.base_url}",
+        f"  model folders: {folders}",
+        f"  models found:  {len(registry.entries)}, default: {registry.default_id or 'none'}",
+        f"  backend:       {backend}",
+    ]
+
+
+@with_common_options
+def serve(
+    common: CommonOptions,
+    bind: Annotated[
+        str | None,
+        typer.Option(
+            "--bind", metavar="HOST:PORT", help="Address to listen on ([::1]:PORT for IPv6)"
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", "-p", help="Port (overrides the port of --bind; 0 = any free)"),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", metavar="ORIGIN", help="Allowed browser origin (repeatable)"),
+    ] = None,
+    keep_alive: Annotated[
+        float | None,
+        typer.Option("--keep-alive", help="Idle seconds before a model is unloaded; -1 = never"),
+    ] = None,
+    max_loaded_models: Annotated[
+        int | None, typer.Option("--max-loaded-models", help="Models kept in memory at once")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option("--api-key-file", help="File with accepted API keys, one per line"),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host", metavar="HOST", help="Extra Host header to accept (repeatable)"
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        float | None,
+        typer.Option("--rate-limit", help="Requests per minute per client (default: off)"),
+    ] = None,
+    rate_burst: Annotated[
+        int | None, typer.Option("--rate-burst", help="Requests a client may burst")
+    ] = None,
+    graceful_timeout: Annotated[
+        int,
+        typer.Option(
+            "--graceful-timeout", help="Seconds in-flight requests get to finish on shutdown"
+        ),
+    ] = GRACEFUL_SHUTDOWN_SECONDS,
+) -> None:
+    """Run the HTTP + WebSocket server (native /api, OpenAI-compatible /v1)."""
+    host, bind_port = parse_bind(bind) if bind is not None else (None, None)
+    settings = build_settings(
+        common,
+        quiet=False,
+        host=host,
+        port=port if port is not None else bind_port,
+        cors_origins=cors_origin or None,
+        keep_alive=keep_alive,
+        max_loaded_models=max_loaded_models,
+        api_key_file=api_key_file,
+        allowed_hosts=allowed_host or None,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+    )
+    load_api_keys(settings)  # an unreadable or empty key file stops here, with one line
+    registry = discovered_registry(settings)
+    if settings.default_model:
+        registry.resolve(None)  # fail here, before listening, on an unusable --model
+    sock = _listen(settings.host, settings.port)
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    for line in _banner(settings, registry):
+        tell(line)
+    warning = insecure_bind_warning(settings)
+    if warning:
+        tell(f"warning: {warning}")
+    import uvicorn
+
+    from shimmy.api.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, registry),
+        log_config=None,  # keep our stderr handler and format for uvicorn's loggers too
+        log_level=settings.log_level,
+        lifespan="on",
+        ws="auto",  # websockets' sans-I/O protocol where available: the legacy one is deprecated
+        server_header=False,
+        access_log=False,  # shimmy.access logs one line per request, with model and tokens
+        timeout_graceful_shutdown=graceful_timeout,
+    )
+    server = uvicorn.Server(config)
+
+    def terminated(signum: int, frame: object) -> None:
+        # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal, which would
+        # end the process with -15; as an interrupt it ends like Ctrl-C, with exit code 0.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down gracefully and re-raised the Ctrl-C: a normal exit
+    finally:
+        sock.close()
+    if not server.started:
+        raise ServerError("the server did not start (see the log above)")
