@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     )
     rate_burst: int = Field(10, ge=1, description="Requests a client may make at once")
 
+    # --- web page ----------------------------------------------------------------------------
+    web_ui: bool = Field(
+        True, description="Serve the chat page at / (its assets under /ui/); off: / is a 404"
+    )
+
     # --- logging -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

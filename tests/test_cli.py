@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -252,6 +253,49 @@ def ipv6_loopback_available() -> bool:
     return True
 
 
+def serve_until_ctrl_c(
+    args: list[str], env: dict[str, str], url_pattern: str, use: Callable[[httpx.Client], None]
+) -> str:
+    """Run ``shimmy serve ARGS``, call ``use`` with a client once it listens, stop it with
+    Ctrl-C; return everything it printed on stderr (it must print nothing on stdout)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "shimmy", "serve", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # The banner is printed once the socket listens: connections are queued from then on,
+        # so reading up to it is the synchronization (port 0: the banner names the real port).
+        assert server.stderr is not None
+        banner: list[str] = []
+        url = None
+        while url is None or not banner[-1].startswith("  try:"):
+            line = server.stderr.readline().decode()
+            assert line, f"serve exited before listening: {''.join(banner)}"
+            banner.append(line)
+            found = re.search(f"listening on ({url_pattern})", line)
+            url = found.group(1) if found else url
+        with httpx.Client(base_url=url, timeout=30) as client:
+            use(client)
+        server.send_signal(signal.SIGINT)
+        # Read through the pipe objects: readline() above may hold buffered lines that
+        # communicate(), which reads the raw descriptors, would skip.
+        err = server.stderr.read()
+        out = server.stdout.read() if server.stdout is not None else b""
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    text = "".join(banner) + err.decode()
+    assert server.returncode == 0, text
+    assert out == b""
+    assert "Traceback" not in text
+    return text
+
+
 @pytest.mark.parametrize(
     ("bind", "url_pattern"),
     [
@@ -266,45 +310,31 @@ def ipv6_loopback_available() -> bool:
 def test_serve_answers_http_and_stops_on_ctrl_c(
     tiny_model_dir: Path, tmp_path: Path, bind: str, url_pattern: str
 ) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "shimmy", "serve", "--bind", bind],
-        env=cli_env(tiny_model_dir, tmp_path),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        # The banner is printed once the socket listens: connections are queued from then on,
-        # so reading up to it is the synchronization (port 0: the banner names the real port).
-        assert server.stderr is not None
-        banner: list[str] = []
-        url = None
-        while url is None:
-            line = server.stderr.readline().decode()
-            assert line, f"serve exited before listening: {''.join(banner)}"
-            banner.append(line)
-            found = re.search(f"listening on ({url_pattern})", line)
-            url = found.group(1) if found else None
-        with httpx.Client(base_url=url, timeout=30) as client:
-            assert client.get("/api/health").json()["status"] == "healthy"
-            models = client.get("/api/models").json()
-            assert [model["id"] for model in models["models"]] == ["tiny"]
-        server.send_signal(signal.SIGINT)
-        # Read through the pipe objects: readline() above may hold buffered lines that
-        # communicate(), which reads the raw descriptors, would skip.
-        err = server.stderr.read()
-        out = server.stdout.read() if server.stdout is not None else b""
-        server.wait(timeout=30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    assert server.returncode == 0, err.decode()
-    assert out == b""
-    text = "".join(banner) + err.decode()
+    def use(client: httpx.Client) -> None:
+        assert client.get("/api/health").json()["status"] == "healthy"
+        models = client.get("/api/models").json()
+        assert [model["id"] for model in models["models"]] == ["tiny"]
+        page = client.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+    text = serve_until_ctrl_c(["--bind", bind], cli_env(tiny_model_dir, tmp_path), url_pattern, use)
     assert "models found:  1, default: tiny" in text, text
+    assert re.search(r"chat page: +http://\S+/\n", text)
+    assert re.search(r"OpenAI API: +http://\S+/v1\n", text)
+    assert "try:           curl http://" in text
     assert "not a loopback address" not in text
-    assert "Traceback" not in text
+
+
+def test_serve_without_the_web_page_and_with_a_key(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def use(client: httpx.Client) -> None:
+        assert client.get("/").status_code == 404
+        assert client.get("/ui/app.js").status_code == 404
+        assert client.get("/api/health").status_code == 200
+
+    env = cli_env(tiny_model_dir, tmp_path, SHIMMY_API_KEY="k-123")
+    text = serve_until_ctrl_c(["--no-web-ui", "--port", "0"], env, r"http://127\.0\.0\.1:\d+", use)
+    assert "chat page" not in text
+    assert 'curl -H "Authorization: Bearer $KEY" http://' in text
 
 
 def test_serve_refuses_a_port_in_use(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -256,6 +256,9 @@ def test_server_limits_http_and_exempts_health(
         assert int(refused.headers["ratelimit-reset"]) >= int(refused.headers["retry-after"])
         for _ in range(3):
             assert http.get("/api/health").status_code == 200
+        for path in ("/", "/ui/app.js", "/ui/app.css", "/", "/ui/sse.js"):  # the chat page
+            assert http.get(path).status_code == 200
+        assert http.post("/", content=b"x").status_code == 429  # only reading it is free
         with pytest.raises(InvalidStatus) as ws_refused:
             connect(url.replace("http://", "ws://", 1) + "/ws/generate")
         assert ws_refused.value.response.status_code == 429

@@ -32,6 +32,7 @@ from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.errors import PayloadTooLarge, ShimmyError
 from shimmy.registry import ModelRegistry
 from shimmy.settings import Settings
+from shimmy.web import routes as web
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             *system.routes,
             *metrics.routes,
             *locallab.routes,
+            *(web.routes if settings.web_ui else []),
         ],
         middleware=[
             # Outermost, so responses made by the middleware below are logged and counted too.

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shimmy.api.security import keys_configured, presented_credentials, reject
 from shimmy.errors import RateLimited
 from shimmy.settings import Settings
+from shimmy.web.routes import is_page_request
 
 DEFAULT_MAX_CLIENTS = 10_000
 # Health checks: monitors poll them, and they cost nothing.
@@ -167,6 +168,7 @@ class RateLimitMiddleware:
             limiter is None
             or scope["type"] not in ("http", "websocket")
             or scope["path"] in EXEMPT_PATHS
+            or is_page_request(scope)
         ):
             await self.app(scope, receive, send)
             return

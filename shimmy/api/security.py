@@ -35,13 +35,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shimmy.api.errors import error_response
 from shimmy.errors import Forbidden, InvalidRequest, ShimmyError, Unauthorized
 from shimmy.settings import Settings
+from shimmy.web.routes import PAGE_PATHS
 
 POLICY_VIOLATION = 1008
 
 # Paths anyone may read without a key: health checks (native and LocalLab's) must work for
-# monitors without secrets, and the API description reveals nothing the open source server
-# does not.
-PUBLIC_PATHS = frozenset({"/api/health", "/health", "/openapi.json"})
+# monitors without secrets, the API description reveals nothing the open source server does
+# not, and the chat page (static files only, exact paths) must load to ask for the key.
+PUBLIC_PATHS = frozenset({"/api/health", "/health", "/openapi.json"}) | PAGE_PATHS
 
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Shimmy-Wait"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from shimmy import __version__
-from shimmy.api.security import insecure_bind_warning, load_api_keys
+from shimmy.api.security import insecure_bind_warning, keys_configured, load_api_keys
 from shimmy.cli.options import (
     CommonOptions,
     build_settings,
@@ -83,12 +83,21 @@ def _banner(settings: Settings, registry: ModelRegistry) -> list[str]:
         backend = f"llama.cpp with GPU offload ({layers} layers)"
     else:
         backend = "llama.cpp on CPU (this build has no GPU offload)"
-    return [
+    lines = [
         f"shimmy {__version__} listening on {settings.base_url}",
         f"  model folders: {folders}",
         f"  models found:  {len(registry.entries)}, default: {registry.default_id or 'none'}",
         f"  backend:       {backend}",
     ]
+    url = settings.base_url
+    websocket = url.replace("http", "ws", 1)
+    lines.append(f"  native API:    {url}/api  (WebSocket: {websocket}/ws/generate)")
+    lines.append(f"  OpenAI API:    {url}/v1")
+    if settings.web_ui:
+        lines.append(f"  chat page:     {url}/")
+    auth = ' -H "Authorization: Bearer $KEY"' if keys_configured(settings) else ""
+    lines.append(f'  try:           curl{auth} {url}/api/generate -d \'{{"prompt": "Hello"}}\'')
+    return lines
 
 
 @with_common_options
@@ -132,6 +141,9 @@ def serve(
     rate_burst: Annotated[
         int | None, typer.Option("--rate-burst", help="Requests a client may burst")
     ] = None,
+    no_web_ui: Annotated[
+        bool, typer.Option("--no-web-ui", help="Do not serve the chat page at /")
+    ] = False,
     graceful_timeout: Annotated[
         int,
         typer.Option(
@@ -153,6 +165,7 @@ def serve(
         allowed_hosts=allowed_host or None,
         rate_limit=rate_limit,
         rate_burst=rate_burst,
+        web_ui=False if no_web_ui else None,
     )
     load_api_keys(settings)  # an unreadable or empty key file stops here, with one line
     registry = discovered_registry(settings)

@@ -204,9 +204,7 @@ class ModelEngine:
         n_gpu_layers = (
             settings.n_gpu_layers if settings.n_gpu_layers is not None else default_gpu_layers()
         )
-        self.model = LlamaModel(
-            entry.path, n_gpu_layers=n_gpu_layers, on_progress=on_load_progress
-        )
+        self.model = LlamaModel(entry.path, n_gpu_layers=n_gpu_layers, on_progress=on_load_progress)
         self.n_gpu_layers = n_gpu_layers
         self.n_ctx = min(settings.ctx_size, self.model.n_ctx_train or settings.ctx_size)
         self.n_parallel = settings.parallel

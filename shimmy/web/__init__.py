@@ -1,0 +1,1 @@
+"""The chat page served at ``/``: static HTML, CSS and JavaScript, no build step."""
