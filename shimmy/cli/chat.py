@@ -139,12 +139,13 @@ class ChatSession:
         try:
             async for event in stream:
                 if isinstance(event, TextDelta):
-                    if event.text:
+                    turn.text.append(event.text)
+                    # An answer's leading blank lines are template noise: not shown, but kept
+                    # in the history, whose next rendering then matches the cached tokens.
+                    shown = event.text if turn.first_text_at else event.text.lstrip("\n")
+                    if shown:
                         turn.first_text_at = turn.first_text_at or time.perf_counter()
-                        # an answer's leading blank lines are template noise, not content
-                        text = event.text if turn.text else event.text.lstrip("\n")
-                        turn.text.append(text)
-                        write_stdout(text)
+                        write_stdout(shown)
                 else:
                     turn.usage, turn.finish_reason = event.usage, event.finish_reason
         finally:
