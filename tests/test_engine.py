@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -293,3 +295,42 @@ def test_an_adapter_that_does_not_fit_is_refused(tiny_model_path: Path, tmp_path
     entry = ModelEntry(id="tiny", path=tiny_model_path, source="test")
     with pytest.raises(ModelUnusable):
         ModelEngine(entry, Settings(ctx_size=256, parallel=1), ModelOptions(lora=not_an_adapter))
+
+
+@pytest.mark.starter
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(temperature=0.0, repetition_penalty=1.5),
+        SamplingParams(temperature=0.9, seed=11, repetition_penalty=1.3, frequency_penalty=0.5),
+    ],
+)
+async def test_a_grammar_that_allows_the_text_leaves_it_unchanged(
+    starter_model_path: Path, sampling: SamplingParams
+) -> None:
+    # Tokens are sampled freely first and only checked against the grammar: when every
+    # sampled token passes, the constrained text (penalties, random state and all) is
+    # exactly the unconstrained one. (The starter model writes real text; the tiny one's
+    # random bytes are not always whole characters a grammar could spell.)
+    # No prefix cache: quantized kernels give slightly different logits for a prompt decoded
+    # whole or resumed from cache, and the two runs must see the very same logits.
+    engine = make_engine(starter_model_path, parallel=1, prefix_cache=False)
+    try:
+        plain, _ = await run(engine, "The sea is", max_tokens=40, sampling=sampling)
+        grammar = "root ::= " + " ".join(f'"\\U{ord(character):08X}"' for character in plain)
+        constrained = replace(sampling, grammar=grammar)
+        text, finished = await run(engine, "The sea is", max_tokens=40, sampling=constrained)
+    finally:
+        engine.close()
+    assert text == plain
+    assert finished.usage.completion_tokens == 40
+
+
+async def test_a_grammar_steers_a_model_that_would_write_something_else(
+    engine: ModelEngine,
+) -> None:
+    plain, _ = await run(engine, "hello", max_tokens=8, sampling=GREEDY)
+    grammar = 'root ::= "0" [0-9]* "!"'
+    text, _ = await run(engine, "hello", max_tokens=8, sampling=replace(GREEDY, grammar=grammar))
+    assert re.fullmatch(r"0[0-9]*!?", text), text
+    assert text != plain
