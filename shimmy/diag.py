@@ -118,14 +118,22 @@ def llama_facts() -> dict[str, Any]:
     }
 
 
-def model_facts(settings: Settings) -> dict[str, Any]:
-    from shimmy.registry import ModelRegistry
-
-    folders = [
+def folder_facts(settings: Settings) -> list[dict[str, Any]]:
+    return [
         {"source": source, "path": str(path), "exists": path.exists()}
         for source, path in searched_folders(settings)
     ]
-    facts: dict[str, Any] = {"folders": folders, "count": 0, "ids": [], "default": None}
+
+
+def model_facts(settings: Settings) -> dict[str, Any]:
+    from shimmy.registry import ModelRegistry
+
+    facts: dict[str, Any] = {
+        "folders": folder_facts(settings),
+        "count": 0,
+        "ids": [],
+        "default": None,
+    }
     registry = ModelRegistry(settings)
     try:
         entries = registry.discover()
@@ -139,7 +147,9 @@ def model_facts(settings: Settings) -> dict[str, Any]:
     return facts
 
 
-def collect_diagnostics(settings: Settings) -> dict[str, Any]:
+def collect_diagnostics(settings: Settings, *, discover: bool = True) -> dict[str, Any]:
+    """Everything ``shimmy diag`` shows. ``discover=False`` skips reading every model's header
+    (a running server already knows its models) and reports only the folders searched."""
     from shimmy.engine.engine import default_threads
 
     memory = psutil.virtual_memory()
@@ -159,7 +169,7 @@ def collect_diagnostics(settings: Settings) -> dict[str, Any]:
             "threads_batch": settings.threads_batch or os.cpu_count() or threads,
         },
         "memory": {"total_bytes": memory.total, "available_bytes": memory.available},
-        "models": model_facts(settings),
+        "models": model_facts(settings) if discover else {"folders": folder_facts(settings)},
     }
 
 

@@ -94,7 +94,9 @@ def loaded_models_summary(registry: ModelRegistry) -> list[dict[str, Any]]:
 
 
 def _static_facts(request: Request) -> dict[str, Any]:
-    facts = collect_diagnostics(request.app.state.settings)
+    # The registry already knows the models: rescanning every folder here would reread
+    # every GGUF header on each call.
+    facts = collect_diagnostics(request.app.state.settings, discover=False)
     facts["gpu"] = {
         "offload_supported": facts["llama_cpp"]["gpu_offload"],
         "devices": backend_devices(),
