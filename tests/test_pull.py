@@ -573,3 +573,21 @@ def test_progress_throttle_lets_through_about_ten_a_second() -> None:
         passed.append(throttle.due())
     assert passed[0] is True
     assert sum(passed) == 10
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "https://huggingface.co/Org/Repo-GGUF/blob/main/Q4/model-Q4_K_M.gguf",
+        "https://huggingface.co/Org/Repo-GGUF/resolve/main/Q4/model-Q4_K_M.gguf?download=true",
+        "https://hf.co/Org/Repo-GGUF/resolve/main/Q4/model-Q4_K_M.gguf",
+    ],
+)
+def test_a_hugging_face_file_url_is_pulled_from_the_hub(pasted: str) -> None:
+    # The blob URL is the file's HTML page: fetched as is, it would never be a model.
+    assert parse_source(pasted) == parse_source("hf://Org/Repo-GGUF/Q4/model-Q4_K_M.gguf@main")
+
+
+def test_other_urls_on_the_hub_host_stay_plain_downloads() -> None:
+    source = parse_source("https://huggingface.co/datasets/x/y/raw/main/a.gguf")
+    assert source.kind == "url"

@@ -157,7 +157,8 @@ def parse_source(text: object, *, param: str = "model") -> PullSource:
     if lowered.startswith("hf://"):
         source = _parse_hf(text[len("hf://") :], param)
     elif lowered.startswith(("https://", "http://")):
-        source = _parse_url(text, param)
+        hub_path = _hub_file_path(text)
+        source = _parse_hf(hub_path, param) if hub_path else _parse_url(text, param)
     else:
         raise InvalidRequest(f"unsupported source {text[:80]!r}; use {SOURCE_FORMS}", param=param)
     match = SHARD_PATTERN.match(source.filename)
@@ -171,6 +172,25 @@ def parse_source(text: object, *, param: str = "model") -> PullSource:
                 param=param,
             )
     return source
+
+
+# A file's page or download link as copied from the Hugging Face website:
+# https://huggingface.co/OWNER/REPO/blob|resolve/REVISION/PATH.gguf[?download=true]
+_HUB_FILE_URL = re.compile(
+    r"https://(?:huggingface\.co|hf\.co)/(?P<repo>[^/?#]+/[^/?#]+)/(?:blob|resolve)/"
+    r"(?P<revision>[^/?#]+)/(?P<path>[^?#]+\.gguf)(?:\?[^#]*)?",
+    re.IGNORECASE,
+)
+
+
+def _hub_file_path(url: str) -> str | None:
+    """``OWNER/REPO/PATH.gguf@REVISION`` for a Hugging Face file URL: pulled as ``hf://`` it
+    is resumable, honours ``HF_ENDPOINT`` and is checked against the hub's checksum, where
+    the ``blob`` page itself would be an HTML page, not the model."""
+    match = _HUB_FILE_URL.fullmatch(url)
+    if match is None:
+        return None
+    return f"{match['repo']}/{match['path']}@{match['revision']}"
 
 
 def _parse_hf(rest: str, param: str) -> PullSource:
