@@ -7,12 +7,15 @@ say so. Response schemas are written by hand: they list what every response has,
 more, so clients are not broken by additions.
 
 The description follows the running configuration: the security schemes and the 401 and 429
-answers are only listed when API keys or a rate limit are set. The WebSocket endpoint cannot be
-described by OpenAPI; the API's description mentions it.
+answers are only listed when API keys or a rate limit are set, and the chat page only when it is
+served. The WebSocket endpoint cannot be described by OpenAPI; the API's description mentions
+it. The chat page's own assets (``/ui/*``) are not listed: they are files the page loads, not
+an interface anyone calls.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from pydantic import BaseModel
@@ -22,33 +25,53 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from shimmy import __version__
+from shimmy.api.batch import MAX_BATCH_PROMPTS
+from shimmy.api.locallab import (
+    LOCALLAB_SAMPLING_DEFAULTS,
+    UNLOADED_STATUS,
+    BatchBody,
+    ChatBody,
+    GenerateBody,
+    LoadBody,
+)
 from shimmy.api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shimmy.api.schemas import MAX_STOP_STRINGS, GenerateRequest
 from shimmy.api.security import keys_configured
+from shimmy.chat.messages import ROLES
 from shimmy.settings import Settings
 
 Schema = dict[str, Any]
 
 REF = "#/components/schemas/{model}"
-# Both APIs have a ChatMessage; pydantic would name them after their modules.
+# Both APIs have a ChatMessage; pydantic would name them after their modules. The LocalLab
+# models are named after their dialect, as their clients know them.
 _RENAMES = {
     "shimmy__api__schemas__ChatMessage": "NativeChatMessage",
     "shimmy__api__openai_schemas__ChatMessage": "OpenAIChatMessage",
+    "GenerateBody": "LocalLabGenerateRequest",
+    "ChatBody": "LocalLabChatRequest",
+    "ChatMessageBody": "LocalLabChatMessage",
+    "BatchBody": "LocalLabBatchRequest",
+    "LoadBody": "LocalLabLoadRequest",
 }
 
 DESCRIPTION = """\
-shimmy serves GGUF models through llama.cpp. Two dialects share one port: the native API
-under `/api` and the OpenAI-compatible API under `/v1`.
+shimmy serves GGUF models through llama.cpp. Three dialects share one port: the native API
+under `/api`, the OpenAI-compatible API under `/v1`, and LocalLab's routes (`/generate`,
+`/chat`, `/generate/batch`, `/models/...`, `/system/info`, `/health`), which answer errors in
+the native format. `/metrics` serves Prometheus metrics and, unless turned off, `/` a chat page
+(its assets under `/ui/` are not listed here).
 
 Streaming (`"stream": true`) answers with server-sent events (`text/event-stream`) that end
-with `data: [DONE]`.
+with `data: [DONE]`; a failure after the stream started is sent as an event holding the
+error. LocalLab's `/generate` streams the text itself (`data: <text>`, line breaks written as
+`\\n`, a failure as `data: Error: <message>`); its `/chat` streams
+`{"role": "assistant", "content": ...}` chunks, each both as a `data:` line and as a bare JSON
+line, and ends with a `"[DONE]"` line too.
 
 `/ws/generate` (WebSocket, not describable here) takes `/api/generate` requests as JSON text
 frames and answers `{"token": ...}` frames, then `{"done": true, "finish_reason", "usage"}` or
 `{"error": {"code", "message"}}`; `{"cancel": true}` stops the running generation.
-
-Not described here: the LocalLab-compatible routes (`/generate`, `/chat`, `/models/...`,
-`/system/info`, `/health`) and the Prometheus `/metrics`.
 """
 
 
@@ -77,12 +100,28 @@ def request_schemas() -> dict[str, Schema]:
         ChatCompletionRequest,
         CompletionRequest,
         EmbeddingRequest,
+        GenerateBody,
+        ChatBody,
+        BatchBody,
+        LoadBody,
     ]
     _, top = models_json_schema([(model, "validation") for model in models], ref_template=REF)
     schemas: dict[str, Schema] = {
         _RENAMES.get(name, name): _renamed_refs(schema) for name, schema in top["$defs"].items()
     }
     _patch_generate_request(schemas["GenerateRequest"])
+    schemas["BatchRequest"] = _batch_request(schemas["GenerateRequest"])
+    for name in ("LocalLabGenerateRequest", "LocalLabChatRequest", "LocalLabBatchRequest"):
+        _patch_locallab_options(schemas[name])
+    schemas["LocalLabBatchRequest"]["properties"]["stream"]["description"] = (
+        "Ignored: a batch is answered in one piece"
+    )
+    schemas["LocalLabLoadRequest"]["properties"]["model_id"]["description"] = (
+        "The model to load; it becomes the current model"
+    )
+    # The chat layer refuses other roles before any template runs (shimmy.chat.messages).
+    for message in ("NativeChatMessage", "LocalLabChatMessage"):
+        schemas[message]["properties"]["role"] = {"enum": list(ROLES), "title": "Role"}
     native_message = schemas["NativeChatMessage"]["properties"]
     native_message["content"] = {
         "anyOf": [{"type": "string"}, {"type": "array", "items": _ref("TextPart")}],
@@ -119,6 +158,49 @@ def _patch_generate_request(schema: Schema) -> None:
     }
     properties["repetition_penalty"]["description"] = "Also accepted as 'repeat_penalty'"
     schema["description"] = "Exactly one of 'prompt' and 'messages' is required"
+
+
+def _batch_request(generate: Schema) -> Schema:
+    """``/api/generate/batch`` validates its shared options as ``GenerateRequest``."""
+    shared = {
+        name: copy.deepcopy(schema)
+        for name, schema in generate["properties"].items()
+        if name not in ("prompt", "messages", "stream")
+    }
+    prompts = {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "minItems": 1,
+        "maxItems": MAX_BATCH_PROMPTS,
+        "title": "Prompts",
+    }
+    return {
+        **_object({"prompts": prompts}, shared),
+        "title": "BatchRequest",
+        "description": "The prompts, and the fields of GenerateRequest shared by all of them "
+        "('prompt' and 'messages' are refused, and so is 'stream': true)",
+    }
+
+
+_LOCALLAB_FIELD_NOTES = {
+    "model_id": "Also accepted as 'model'. Default: the current model (the last one loaded "
+    "through /models/load, else the most recently used, else the default model)",
+    "max_length": "Also accepted as 'max_tokens' and 'max_new_tokens'. Default: the model's "
+    "configured max_tokens, else the server's cap",
+    "do_sample": "false: greedy decoding (temperature 0)",
+    "max_time": "Seconds after which the generation stops; its text so far is the answer",
+    "system_prompt": "A system prompt in front of the prompt or messages",
+    "stream": "Answer with server-sent events",
+}
+
+
+def _patch_locallab_options(schema: Schema) -> None:
+    properties = schema["properties"]
+    for name, note in _LOCALLAB_FIELD_NOTES.items():
+        properties[name]["description"] = note
+    for name, value in LOCALLAB_SAMPLING_DEFAULTS.items():
+        properties[name]["description"] = f"Default: {value}, unless the model's config sets one"
+    schema["description"] = "LocalLab's fields; null means the default. Unknown fields are ignored"
 
 
 # --- response schemas (hand-written) -------------------------------------------------------------
@@ -227,8 +309,23 @@ def response_schemas() -> dict[str, Schema]:
                 "models": {
                     "type": "array",
                     "items": _object(
-                        {"id": _STRING, "memory_bytes": _INT, "busy": _INT, "slots": _INT},
-                        {"keep_alive": _NUMBER, "expires_in": {"type": ["number", "null"]}},
+                        {
+                            "id": _STRING,
+                            "loaded_at": _INT,
+                            "memory_bytes": _INT,
+                            "idle_seconds": _NUMBER,
+                            "keep_alive": _NUMBER,
+                            "expires_in": {
+                                "type": ["number", "null"],
+                                "description": "null: kept loaded",
+                            },
+                            "busy": _INT,
+                            "queued": _INT,
+                            "slots": _INT,
+                            "context_length": _INT,
+                            "n_gpu_layers": _INT,
+                            "load_count": _INT,
+                        }
                     ),
                 },
                 "loading": {"type": "array", "items": _STRING},
@@ -253,21 +350,6 @@ def response_schemas() -> dict[str, Schema]:
             {"status": {"enum": ["waiting", "downloading", "verifying", "success", "error"]}}
         ),
         "LoadRequest": _object({}, {"keep_alive": {"type": ["number", "string", "null"]}}),
-        "BatchRequest": {
-            **_object(
-                {
-                    "prompts": {
-                        "type": "array",
-                        "items": {"type": "string", "minLength": 1},
-                        "minItems": 1,
-                        "maxItems": 64,
-                    }
-                },
-                {"model": {"type": "string", "minLength": 1}, "max_tokens": _INT},
-            ),
-            "description": "The prompts, and the sampling fields of GenerateRequest shared by "
-            "all of them ('prompt', 'messages' and streaming are refused)",
-        },
         "BatchResponse": _object(
             {
                 "id": _STRING,
@@ -287,10 +369,60 @@ def response_schemas() -> dict[str, Schema]:
                 "usage": _ref("Usage"),
             }
         ),
-        "SystemInfo": _object(
-            {"models": {"type": "object"}, "memory": {"type": "object"}},
-            {"gpu": {"type": "object"}, "uptime_seconds": _NUMBER, "requests_total": _INT},
+        "ComputeDevice": _object(
+            {
+                "name": _STRING,
+                "description": _STRING,
+                "type": {"enum": ["cpu", "gpu", "igpu", "accel", "other"]},
+                "memory_total_bytes": _INT,
+                "memory_free_bytes": _INT,
+            }
         ),
+        "SystemInfo": _object(
+            {
+                "versions": _object({"shimmy": _STRING, "python": _STRING}),
+                "llama_cpp": _object({"gpu_offload": _BOOL}),
+                "cpu": _object({"architecture": _STRING, "threads": _INT}),
+                "memory": _object(
+                    {"total_bytes": _INT, "available_bytes": _INT, "process_rss_bytes": _INT}
+                ),
+                "gpu": _object(
+                    {
+                        "offload_supported": _BOOL,
+                        "devices": {"type": "array", "items": _ref("ComputeDevice")},
+                        "n_gpu_layers_setting": {"type": ["integer", "null"]},
+                    }
+                ),
+                "models": _object(
+                    {
+                        "available": _INT,
+                        "default": _NULLABLE_STRING,
+                        "folders": {"type": "array", "items": {"type": "object"}},
+                        "loaded": {
+                            "type": "array",
+                            "items": _object(
+                                {
+                                    "id": _STRING,
+                                    "load_seconds": _NUMBER,
+                                    "loaded_at": _NUMBER,
+                                    "memory_bytes": _INT,
+                                    "n_ctx": _INT,
+                                    "n_gpu_layers": _INT,
+                                    "slots": _INT,
+                                    "busy": _INT,
+                                    "queued": _INT,
+                                    "tokens_generated": _INT,
+                                }
+                            ),
+                        },
+                        "loading": {"type": "array", "items": _STRING},
+                    }
+                ),
+                "uptime_seconds": _NUMBER,
+                "requests_total": _INT,
+            }
+        ),
+        **_locallab_response_schemas(),
         "ChatCompletion": _object(
             {
                 **openai_envelope,
@@ -361,6 +493,112 @@ def response_schemas() -> dict[str, Schema]:
     }
 
 
+def _locallab_response_schemas() -> dict[str, Schema]:
+    finish_reason: Schema = {"enum": ["stop", "length", "cancelled"]}
+    return {
+        "LocalLabGenerateResponse": _object(
+            {
+                "response": _STRING,
+                "text": {"type": "string", "description": "The same as 'response'"},
+                "model": _STRING,
+                "finish_reason": finish_reason,
+                "usage": _ref("Usage"),
+            }
+        ),
+        "LocalLabChatResponse": _object(
+            {
+                "model": _STRING,
+                "choices": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "message": _object(
+                                {"role": {"const": "assistant"}, "content": _STRING}
+                            ),
+                            "index": _INT,
+                            "finish_reason": finish_reason,
+                        }
+                    ),
+                },
+                "usage": _ref("Usage"),
+            }
+        ),
+        "LocalLabBatchResponse": _object(
+            {
+                "responses": {
+                    "type": "array",
+                    "items": _STRING,
+                    "description": "One text per prompt, in order",
+                },
+                "model": _STRING,
+                "usage": _ref("Usage"),
+            }
+        ),
+        "LocalLabModelList": _object(
+            {
+                "models": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "id": _STRING,
+                            "name": _STRING,
+                            "can_load": _BOOL,
+                            "description": _NULLABLE_STRING,
+                            "is_loaded": _BOOL,
+                        }
+                    ),
+                },
+                "current_model": _NULLABLE_STRING,
+            }
+        ),
+        "LocalLabCurrentModel": _object(
+            {
+                "id": _STRING,
+                "name": _STRING,
+                "description": _NULLABLE_STRING,
+                "is_loaded": _BOOL,
+                "loading_progress": {"type": "number", "minimum": 0, "maximum": 1},
+            }
+        ),
+        "LocalLabLoadResult": _object(
+            {
+                "status": {"const": "success"},
+                "message": _STRING,
+                "model_id": _STRING,
+                "load_seconds": _NUMBER,
+            }
+        ),
+        "LocalLabUnloadResult": _object(
+            {
+                "status": {
+                    "const": UNLOADED_STATUS,
+                    "description": "The same whether or not a model was loaded: LocalLab's "
+                    "client reads it as success",
+                },
+                "message": _STRING,
+                "model_id": _NULLABLE_STRING,
+                "unloaded": _BOOL,
+            }
+        ),
+        "LocalLabSystemInfo": _object(
+            {
+                "cpu_usage": {"type": "number", "description": "Percent"},
+                "memory_usage": {"type": "number", "description": "Percent of the machine's"},
+                "gpu_info": {
+                    "anyOf": [
+                        {"type": "array", "items": _ref("ComputeDevice"), "minItems": 1},
+                        {"type": "null"},
+                    ]
+                },
+                "active_model": _NULLABLE_STRING,
+                "uptime": _NUMBER,
+                "request_count": _INT,
+            }
+        ),
+        "LocalLabHealth": _object({"status": {"const": "healthy"}}),
+    }
+
+
 # --- operations ---------------------------------------------------------------------------------
 
 # No schema: OpenAPI 3.1 cannot describe the events of a stream (3.2's itemSchema can), and a
@@ -379,12 +617,14 @@ class _Operations:
         self.auth = bool(keys_configured(settings))
         self.rate_limited = settings.rate_limit is not None
 
-    def errors(self, error_schema: str, statuses: dict[int, str], *, public: bool) -> Schema:
+    def errors(
+        self, error_schema: str, statuses: dict[int, str], *, public: bool, rate_limited: bool
+    ) -> Schema:
         answers = dict(statuses)
         answers[403] = "The Host or the browser Origin is not allowed"
         if self.auth and not public:
             answers[401] = "A valid API key is missing (code `unauthorized`)"
-        if self.rate_limited and not public:
+        if self.rate_limited and rate_limited:
             answers[429] = "Too many requests (code `rate_limited`); see Retry-After"
         responses: Schema = {
             str(status): {"description": text, "content": _json(error_schema)}
@@ -404,12 +644,13 @@ class _Operations:
         body_required: bool = True,
         params: list[Schema] | None = None,
         public: bool = False,
+        rate_limited: bool = True,
     ) -> Schema:
+        """``public``: no API key needed (``security.PUBLIC_PATHS``); ``rate_limited``: false
+        for the paths the rate limiter lets through (health checks, the chat page)."""
         error_schema = "OpenAIError" if openai else "NativeError"
-        operation: Schema = {
-            "summary": summary,
-            "responses": {"200": ok, **self.errors(error_schema, errors, public=public)},
-        }
+        responses = self.errors(error_schema, errors, public=public, rate_limited=rate_limited)
+        operation: Schema = {"summary": summary, "responses": {"200": ok, **responses}}
         if params:
             operation["parameters"] = params
         if body is not None:
@@ -476,6 +717,7 @@ def _paths(settings: Settings) -> dict[str, Schema]:
                 _ok("The server is up", _json("Health")),
                 errors={},
                 public=True,
+                rate_limited=False,
             )
         },
         "/api/models/loaded": {
@@ -524,7 +766,16 @@ def _paths(settings: Settings) -> dict[str, Schema]:
                         **_json("PullEvent"),
                     },
                 ),
-                errors={**_BAD_REQUEST, 409: "A different file of that name exists"},
+                errors={
+                    **_BAD_REQUEST,
+                    403: "The source is refused (code `forbidden`)",
+                    404: "No such file at the source (code `not_found`)",
+                    409: "A different file of that name exists (code `already_exists`)",
+                    422: "The download is not a usable model (code `model_unusable`)",
+                    502: "The download failed (codes `download_failed`, `download_corrupt`, "
+                    "`offline`)",
+                    507: "Not enough disk space (code `insufficient_storage`)",
+                },
                 body="PullRequest",
             )
         },
@@ -580,7 +831,128 @@ def _paths(settings: Settings) -> dict[str, Schema]:
                 public=True,
             )
         },
+        "/metrics": {
+            "get": ops.operation(
+                "Prometheus metrics",
+                _ok(
+                    "The text exposition format, or OpenMetrics when the Accept header asks "
+                    "for application/openmetrics-text",
+                    {
+                        "text/plain": {"schema": _STRING},
+                        "application/openmetrics-text": {"schema": _STRING},
+                    },
+                ),
+                errors={},
+            )
+        },
+        **_locallab_paths(ops),
+        **(_page_paths(ops) if settings.web_ui else {}),
     }
+
+
+def _locallab_paths(ops: _Operations) -> dict[str, Schema]:
+    generation_errors = {**_BAD_REQUEST, **_MODEL_ERRORS}
+    return {
+        "/generate": {
+            "post": ops.operation(
+                "Generate text from a prompt (LocalLab)",
+                _ok(
+                    "The text, or its stream of events",
+                    {**_json("LocalLabGenerateResponse"), **_SSE},
+                ),
+                errors=generation_errors,
+                body="LocalLabGenerateRequest",
+            )
+        },
+        "/chat": {
+            "post": ops.operation(
+                "Chat completion (LocalLab)",
+                _ok(
+                    "The answer, or its stream of chunks", {**_json("LocalLabChatResponse"), **_SSE}
+                ),
+                errors=generation_errors,
+                body="LocalLabChatRequest",
+            )
+        },
+        "/generate/batch": {
+            "post": ops.operation(
+                "Generate for several prompts at once (LocalLab)",
+                _ok("One text per prompt, in order", _json("LocalLabBatchResponse")),
+                errors=generation_errors,
+                body="LocalLabBatchRequest",
+            )
+        },
+        "/models/available": {
+            "get": ops.operation(
+                "List the models found (LocalLab)",
+                _ok("The models", _json("LocalLabModelList")),
+                errors={},
+            )
+        },
+        "/models/current": {
+            "get": ops.operation(
+                "The current model (LocalLab)",
+                _ok("The model", _json("LocalLabCurrentModel")),
+                errors={404: "No model is current (code `not_found`)"},
+            )
+        },
+        "/models/load": {
+            "post": ops.operation(
+                "Load a model and make it the current one (LocalLab)",
+                _ok("The model is loaded", _json("LocalLabLoadResult")),
+                errors={**generation_errors, 507: "Not enough memory"},
+                body="LocalLabLoadRequest",
+            )
+        },
+        "/models/unload": {
+            "post": ops.operation(
+                "Unload the current model (LocalLab)",
+                _ok(
+                    "Done (unloaded is false when no model was loaded)",
+                    _json("LocalLabUnloadResult"),
+                ),
+                errors={},
+            )
+        },
+        "/system/info": {
+            "get": ops.operation(
+                "Machine load and the current model (LocalLab)",
+                _ok("System facts", _json("LocalLabSystemInfo")),
+                errors={},
+            )
+        },
+        "/health": {
+            "get": ops.operation(
+                "Health (LocalLab)",
+                _ok("The server is up", _json("LocalLabHealth")),
+                errors={},
+                public=True,
+                rate_limited=False,
+            )
+        },
+    }
+
+
+def _page_paths(ops: _Operations) -> dict[str, Schema]:
+    page = ops.operation(
+        "The chat page",
+        _ok("The page", {"text/html": {"schema": _STRING}}),
+        errors={},
+        params=[
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "schema": _STRING,
+                "description": "The ETag of a copy already held",
+            }
+        ],
+        public=True,
+        rate_limited=False,
+    )
+    page["description"] = "Its scripts, styles and icon are served under /ui/ (not listed)."
+    page["responses"]["304"] = {"description": "The held copy is current (If-None-Match)"}
+    return {"/": {"get": page}}
 
 
 def build_openapi(settings: Settings) -> Schema:

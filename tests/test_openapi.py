@@ -1,0 +1,220 @@
+"""``/openapi.json`` against the app it describes: every route, request model and access rule.
+
+test_schemathesis.py checks that the answers match the document; the tests here check that the
+document is complete (the route table walked, mounts included), that its request schemas are
+the validating models, and that the routes it marks as needing no key or not rate limited are
+the ones the middleware really lets through.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import isolated_settings
+from pydantic import BaseModel
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+
+from shimmy.api.app import create_app
+from shimmy.api.locallab import BatchBody, ChatBody, GenerateBody, LoadBody
+from shimmy.api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from shimmy.api.openapi import build_openapi
+from shimmy.api.schemas import GenerateRequest
+from shimmy.settings import Settings
+
+# The chat page's scripts, styles and icon are left out of the document on purpose: they are
+# files the page at / loads, not an interface anyone calls. They are the only routes that may
+# be missing from it.
+UNDESCRIBED_PREFIX = "/ui/"
+
+
+def routed(settings: Settings) -> tuple[set[str], set[str]]:
+    """The app's HTTP operations ("METHOD /path", OpenAPI-style parameters) and its WebSocket
+    paths, from the route table the app really serves."""
+    operations: set[str] = set()
+    websockets: set[str] = set()
+
+    def walk(routes: list[BaseRoute], prefix: str) -> None:
+        for route in routes:
+            if isinstance(route, Mount):
+                walk(list(route.routes), prefix + route.path)
+                continue
+            if not isinstance(route, Route | WebSocketRoute):
+                raise AssertionError(f"unexpected route type {type(route).__name__}")
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", prefix + route.path)
+            if isinstance(route, WebSocketRoute):
+                websockets.add(path)
+                continue
+            # Starlette answers HEAD wherever it answers GET; OpenAPI leaves that implied.
+            operations.update(f"{m} {path}" for m in route.methods or () if m != "HEAD")
+
+    walk(list(create_app(settings).routes), "")
+    return operations, websockets
+
+
+def described(document: dict[str, Any]) -> set[str]:
+    return {
+        f"{method.upper()} {path}"
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+
+
+@pytest.mark.parametrize("web_ui", [True, False])
+def test_every_route_is_described_and_nothing_else(web_ui: bool) -> None:
+    settings = Settings(web_ui=web_ui)
+    document = build_openapi(settings)
+    operations, websockets = routed(settings)
+    documented = described(document)
+    assert documented <= operations, "described but not served"
+    missing = {
+        op for op in operations - documented if not op.split()[1].startswith(UNDESCRIBED_PREFIX)
+    }
+    assert not missing, "served but not described"
+    assert ("GET /" in documented) == web_ui
+    # OpenAPI 3.1 cannot describe a WebSocket: the API's description explains each one.
+    assert websockets
+    for path in websockets:
+        assert f"`{path}`" in document["info"]["description"], path
+
+
+def test_the_route_walk_sees_every_family() -> None:
+    """Guards the test above: an empty or partial walk would make it pass vacuously."""
+    operations, _ = routed(Settings())
+    expected = {
+        "POST /api/generate",
+        "POST /v1/chat/completions",
+        "GET /v1/models/{model_id}",
+        "DELETE /api/models/{id}",
+        "POST /generate",
+        "POST /chat",
+        "GET /health",
+        "GET /metrics",
+        "GET /",
+        "GET /ui/app.js",
+    }
+    assert expected <= operations
+
+
+def test_request_schemas_are_the_validating_models() -> None:
+    document = build_openapi(Settings())
+    schemas = document["components"]["schemas"]
+    validating: list[tuple[type[BaseModel], str]] = [
+        (GenerateRequest, "GenerateRequest"),
+        (ChatCompletionRequest, "ChatCompletionRequest"),
+        (CompletionRequest, "CompletionRequest"),
+        (EmbeddingRequest, "EmbeddingRequest"),
+        (GenerateBody, "LocalLabGenerateRequest"),
+        (ChatBody, "LocalLabChatRequest"),
+        (BatchBody, "LocalLabBatchRequest"),
+        (LoadBody, "LocalLabLoadRequest"),
+    ]
+    for model, name in validating:
+        assert set(schemas[name]["properties"]) == set(model.model_fields), name
+    bodies = {
+        "/api/generate": "GenerateRequest",
+        "/generate": "LocalLabGenerateRequest",
+        "/chat": "LocalLabChatRequest",
+        "/generate/batch": "LocalLabBatchRequest",
+        "/models/load": "LocalLabLoadRequest",
+    }
+    for path, name in bodies.items():
+        body_schema = document["paths"][path]["post"]["requestBody"]["content"]
+        assert body_schema["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+    # /api/generate/batch validates its shared options as a GenerateRequest.
+    batch = set(schemas["BatchRequest"]["properties"])
+    assert batch == set(GenerateRequest.model_fields) - {"prompt", "messages", "stream"} | {
+        "prompts"
+    }
+
+
+def test_locallab_errors_use_the_native_error_body() -> None:
+    paths = build_openapi(Settings())["paths"]
+    for path in ("/generate", "/chat", "/generate/batch", "/models/load"):
+        responses = paths[path]["post"]["responses"]
+        for status in ("400", "404", "503", "default"):
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/NativeError"}, (path, status)
+
+
+def test_security_and_limits_are_described_only_when_configured() -> None:
+    plain = build_openapi(Settings())
+    assert "security" not in plain and "securitySchemes" not in plain["components"]
+    generate = plain["paths"]["/api/generate"]["post"]["responses"]
+    assert "401" not in generate and "429" not in generate and "403" in generate
+    guarded = build_openapi(Settings(api_keys=["k"], rate_limit=60))
+    assert {"bearer", "apiKeyHeader"} == set(guarded["components"]["securitySchemes"])
+    responses = guarded["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert responses["401"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/OpenAIError"
+    )
+    assert "429" in responses
+    health = guarded["paths"]["/api/health"]["get"]
+    assert health["security"] == [] and "401" not in health["responses"]
+
+
+def call_every_operation(url: str, document: dict[str, Any]) -> dict[str, int]:
+    """Each described operation called without a key or a body: "METHOD /path" -> status."""
+    statuses: dict[str, int] = {}
+    with httpx.Client(base_url=url) as client:
+        for path, operations in document["paths"].items():
+            concrete = re.sub(r"\{\w+\}", "tiny", path)
+            for method in operations:
+                response = client.request(method.upper(), concrete)
+                statuses[f"{method.upper()} {path}"] = response.status_code
+    return statuses
+
+
+def test_operations_marked_public_are_the_ones_served_without_a_key(
+    server_factory: Callable[[Settings], str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = isolated_settings(tiny_model_dir, tmp_path, api_keys=["secret-key"])
+    url = server_factory(settings)
+    document = httpx.get(f"{url}/openapi.json").json()
+    statuses = call_every_operation(url, document)
+    public = set()
+    for label, status in statuses.items():
+        method, path = label.split()
+        operation = document["paths"][path][method.lower()]
+        marked_public = operation.get("security") == []
+        assert (status != 401) == marked_public, (label, status)
+        assert ("401" in operation["responses"]) != marked_public, label
+        if marked_public:
+            public.add(label)
+    assert public == {"GET /api/health", "GET /health", "GET /openapi.json", "GET /"}
+
+
+def test_operations_listing_429_are_the_ones_rate_limited(
+    server_factory: Callable[[Settings], str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # One request at once and (practically) no refill: once the first request has taken the
+    # only token, every rate-limited route answers 429 and runs nothing.
+    settings = isolated_settings(tiny_model_dir, tmp_path, rate_limit=1e-6, rate_burst=1)
+    url = server_factory(settings)
+    document = build_openapi(settings)
+    assert httpx.get(f"{url}/api/models").status_code == 200
+    statuses = call_every_operation(url, document)
+    exempt = set()
+    for label, status in statuses.items():
+        method, path = label.split()
+        listed = "429" in document["paths"][path][method.lower()]["responses"]
+        assert (status == 429) == listed, (label, status)
+        if not listed:
+            exempt.add(label)
+    assert exempt == {"GET /api/health", "GET /health", "GET /"}
+
+
+def test_openapi_json_is_public_even_with_keys(
+    server_factory: Callable[[Settings], str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    url = server_factory(isolated_settings(tiny_model_dir, tmp_path, api_keys=["secret-key"]))
+    response = httpx.get(f"{url}/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.1")
+    assert "secret-key" not in response.text
+    assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
