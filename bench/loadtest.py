@@ -152,14 +152,24 @@ async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
             yield line[len("data: ") :]
 
 
-async def native_json(http: httpx.AsyncClient, out: Outcome, max_tokens: int) -> None:
-    body = {"prompt": random.choice(PROMPTS), "max_tokens": max_tokens}
-    response = await http.post("/api/generate", json=body)
+async def post_json(
+    http: httpx.AsyncClient, out: Outcome, path: str, body: dict[str, Any]
+) -> dict[str, Any] | None:
+    """POST ``body``; the response's JSON, or None with the status and problem recorded."""
+    response = await http.post(path, json=body)
     out.status = response.status_code
     if response.status_code != 200:
         out.problem = response.text[:200]
+        return None
+    data: dict[str, Any] = response.json()
+    return data
+
+
+async def native_json(http: httpx.AsyncClient, out: Outcome, max_tokens: int) -> None:
+    body = {"prompt": random.choice(PROMPTS), "max_tokens": max_tokens}
+    data = await post_json(http, out, "/api/generate", body)
+    if data is None:
         return
-    data = response.json()
     usage = data["usage"]
     out.completion_tokens = usage["completion_tokens"]
     choice = data["choices"][0]
@@ -171,12 +181,9 @@ async def openai_json(http: httpx.AsyncClient, out: Outcome, max_tokens: int) ->
         "messages": [{"role": "user", "content": random.choice(PROMPTS)}],
         "max_tokens": max_tokens,
     }
-    response = await http.post("/v1/chat/completions", json=body)
-    out.status = response.status_code
-    if response.status_code != 200:
-        out.problem = response.text[:200]
+    data = await post_json(http, out, "/v1/chat/completions", body)
+    if data is None:
         return
-    data = response.json()
     usage = data["usage"]
     out.completion_tokens = usage["completion_tokens"]
     finish = data["choices"][0]["finish_reason"]

@@ -59,6 +59,15 @@ def answer(child: pexpect.spawn, message: str) -> re.Match[str]:
     return report
 
 
+def command(child: pexpect.spawn, line: str, *expected: str) -> None:
+    """Send a line that gets no answer (a /command); expect ``expected`` in order, then the
+    prompt."""
+    child.sendline(line)
+    for pattern in expected:
+        child.expect(pattern)
+    child.expect_exact(PROMPT)
+
+
 def leave(child: pexpect.spawn) -> int:
     child.sendline("/exit")
     child.expect(pexpect.EOF)
@@ -85,11 +94,7 @@ def test_each_turn_sends_the_conversation_and_reuses_its_cache(spawn_chat: Spawn
     # the second prompt holds the first exchange, whose KV the engine kept
     assert int(second.group(3)) > int(first.group(3)) + len("And an alpaca?") // 2
     assert int(second.group(4) or 0) >= int(first.group(3)) - 1
-    child.sendline("/history")
-    child.expect("user: What is a llama\\?")
-    child.expect("assistant: ")
-    child.expect("user: And an alpaca\\?")
-    child.expect_exact(PROMPT)
+    command(child, "/history", "user: What is a llama\\?", "assistant: ", "user: And an alpaca\\?")
     assert leave(child) == 0
 
 
@@ -98,17 +103,11 @@ def test_clear_forgets_and_system_sets_the_system_prompt(spawn_chat: Spawn) -> N
     child.expect_exact(PROMPT)
     alone = int(answer(child, "Hi").group(3))
     answer(child, "Again")
-    child.sendline("/clear")
-    child.expect("conversation cleared")
-    child.expect_exact(PROMPT)
+    command(child, "/clear", "conversation cleared")
     assert int(answer(child, "Hi").group(3)) == alone
-    child.sendline("/system You are terse.")
-    child.expect("system prompt set")
-    child.expect_exact(PROMPT)
+    command(child, "/system You are terse.", "system prompt set")
     assert int(answer(child, "Hi").group(3)) > alone
-    child.sendline("/history")
-    child.expect("system: You are terse.")
-    child.expect_exact(PROMPT)
+    command(child, "/history", "system: You are terse.")
     assert leave(child) == 0
 
 
@@ -131,10 +130,8 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(
         assert child.match.group(1) is not None  # "[stopped · ..."
         assert int(child.match.group(2)) < LONG_CONTEXT // 2
         child.expect_exact(PROMPT)
-    child.sendline("/history")  # both questions (and what was said of the answers) are kept
-    child.expect("user: Tell me everything")
-    child.expect("user: And more")
-    child.expect_exact(PROMPT)
+    # both questions (and what was said of the answers) are kept
+    command(child, "/history", "user: Tell me everything", "user: And more")
     assert leave(child) == 0
 
 
@@ -158,12 +155,8 @@ def test_multiline_messages_and_unknown_commands(spawn_chat: Spawn) -> None:
     child.sendline('second line"""')
     child.expect(REPORT)
     child.expect_exact(PROMPT)
-    child.sendline("/history")
-    child.expect("user: first line\r\nsecond line")
-    child.expect_exact(PROMPT)
-    child.sendline("/nonsense")
-    child.expect("unknown command /nonsense")
-    child.expect_exact(PROMPT)
+    command(child, "/history", "user: first line\r\nsecond line")
+    command(child, "/nonsense", "unknown command /nonsense")
     assert leave(child) == 0
 
 
@@ -179,9 +172,7 @@ def test_typed_lines_are_remembered_across_sessions(spawn_chat: Spawn) -> None:
     again.sendline("")
     again.expect(REPORT)
     again.expect_exact(PROMPT)
-    again.sendline("/history")
-    again.expect("user: remember this line")
-    again.expect_exact(PROMPT)
+    command(again, "/history", "user: remember this line")
     assert leave(again) == 0
 
 
@@ -199,9 +190,7 @@ def test_old_exchanges_are_forgotten_to_fit_the_context(spawn_chat: Spawn) -> No
         pytest.fail("the conversation outgrew the context without forgetting anything")
     child.expect(REPORT)
     child.expect_exact(PROMPT)
-    child.sendline("y" * 400)
-    child.expect("does not fit the model's context")
-    child.expect_exact(PROMPT)
+    command(child, "y" * 400, "does not fit the model's context")
     assert leave(child) == 0
 
 

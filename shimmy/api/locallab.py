@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import psutil
@@ -287,16 +287,33 @@ async def _complete(
     return result
 
 
+EventSource = Callable[
+    [Request, "GenerationStream", Event, asyncio.TimerHandle | None], AsyncGenerator[bytes, None]
+]
+
+
+async def _stream_response(
+    request: Request,
+    engine: ModelEngine,
+    generation: GenerationRequest,
+    options: LocalLabOptions,
+    events: EventSource,
+) -> Response:
+    """Start the generation and stream it as ``events`` frames it; errors before the first
+    event still become an ordinary error response."""
+    stream = submit(request, engine, generation)
+    timer = stop_after(options.max_time, stream)
+    first = await first_event(stream)
+    return EventStreamResponse(events(request, stream, first, timer))
+
+
 async def generate(request: Request) -> Response:
     body = parse_body(GenerateBody, await request.body())
     engine = await engine_for(request, body)
     generation = await generation_for(request, engine, body, prompt=body.prompt)
     annotate(request, model=engine.entry.id)
     if body.stream:
-        stream = submit(request, engine, generation)
-        timer = stop_after(body.max_time, stream)
-        first = await first_event(stream)
-        return EventStreamResponse(_text_events(request, stream, first, timer))
+        return await _stream_response(request, engine, generation, body, _text_events)
     text, finished = await _complete(request, engine, generation, body)
     annotate(request, usage=finished.usage)
     return JSONResponse(
@@ -316,10 +333,7 @@ async def chat(request: Request) -> Response:
     generation = await generation_for(request, engine, body, messages=body.messages)
     annotate(request, model=engine.entry.id)
     if body.stream:
-        stream = submit(request, engine, generation)
-        timer = stop_after(body.max_time, stream)
-        first = await first_event(stream)
-        return EventStreamResponse(_chat_events(request, stream, first, timer))
+        return await _stream_response(request, engine, generation, body, _chat_events)
     text, finished = await _complete(request, engine, generation, body)
     annotate(request, usage=finished.usage)
     return JSONResponse(

@@ -24,7 +24,7 @@ import typer
 from shimmy.cli.loading import load_engine, open_registry
 from shimmy.cli.options import CommonOptions, build_settings, with_common_options
 from shimmy.cli.output import tell, write_stdout
-from shimmy.cli.sampling import SamplingFlags, with_sampling_options
+from shimmy.cli.sampling import SamplingFlags, max_tokens_option, with_sampling_options
 from shimmy.errors import InvalidRequest, ShimmyError
 from shimmy.settings import Settings
 
@@ -332,13 +332,7 @@ def chat(
         str | None, typer.Option("--system", "-s", help="System prompt for the conversation")
     ] = None,
     max_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-tokens",
-            "-n",
-            min=1,
-            help=f"Tokens per answer at most (default {DEFAULT_MAX_TOKENS})",
-        ),
+        int | None, max_tokens_option(DEFAULT_MAX_TOKENS, "Tokens per answer")
     ] = None,
 ) -> None:
     """Chat with a model in the terminal (in-process, no server needed).

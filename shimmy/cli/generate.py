@@ -14,7 +14,7 @@ import typer
 from shimmy.cli.loading import load_engine, open_registry
 from shimmy.cli.options import CommonOptions, build_settings, with_common_options
 from shimmy.cli.output import print_json, write_stdout
-from shimmy.cli.sampling import SamplingFlags, with_sampling_options
+from shimmy.cli.sampling import SamplingFlags, max_tokens_option, with_sampling_options
 from shimmy.errors import InvalidRequest
 from shimmy.settings import Settings
 
@@ -152,13 +152,7 @@ def generate(
         ),
     ] = False,
     max_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-tokens",
-            "-n",
-            min=1,
-            help=f"Tokens to generate at most (default {DEFAULT_MAX_TOKENS})",
-        ),
+        int | None, max_tokens_option(DEFAULT_MAX_TOKENS, "Tokens to generate")
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the /api/generate response object instead")

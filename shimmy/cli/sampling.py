@@ -67,6 +67,11 @@ class SamplingFlags:
         )
 
 
+def max_tokens_option(default: int, what: str) -> Any:
+    """``--max-tokens/-n``: left out (None), the model's configured default, else ``default``."""
+    return typer.Option("--max-tokens", "-n", min=1, help=f"{what} at most (default {default})")
+
+
 def _collect(_: typer.Context | None, flags: dict[str, Any]) -> SamplingFlags:
     stop = flags.pop("stop") or []
     return SamplingFlags({key: value for key, value in flags.items() if value is not None}, stop)
