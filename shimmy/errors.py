@@ -7,7 +7,11 @@ error responses, so codes, statuses and wording stay consistent.
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import logging
+from typing import Any, Self
+
+_log = logging.getLogger(__name__)
 
 
 class ShimmyError(Exception):
@@ -25,14 +29,28 @@ class ShimmyError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
         extra: dict[str, Any] | None = None,
+        status: int | None = None,
     ) -> None:
         self.details = details
         if message is not None:
             self.message = message
+        if status is not None:
+            self.status = status
         self.param = param
         self.retry_after = retry_after
         self.extra = extra or {}
         super().__init__(details or self.message)
+
+    def copy_with(self, *, param: str | None = None, details: str | None = None) -> Self:
+        """The same error about another field or with other details: a new object, since an
+        error may already be held by someone else once raised."""
+        clone = copy.copy(self)
+        if param is not None:
+            clone.param = param
+        if details is not None:
+            clone.details = details
+            clone.args = (details,)
+        return clone
 
 
 class InvalidRequest(ShimmyError):
@@ -141,3 +159,9 @@ class ModelLoading(ShimmyError):
     code = "model_loading"
     status = 503
     message = "The model is loading; try again shortly"
+
+
+def unexpected_error(exc: BaseException) -> ServerError:
+    """Log an unexpected exception in full server-side; the client only learns it happened."""
+    _log.error("unexpected error while serving a request", exc_info=exc)
+    return ServerError()

@@ -19,7 +19,7 @@ from conftest import LONG_CONTEXT, isolated_settings
 from locallab_client import LocalLabClient, SyncLocalLabClient
 from tiny_gguf import write_tiny_gguf
 
-from shimmy.api.locallab import carry_trailing_whitespace
+from shimmy.api.locallab.routes import carry_trailing_whitespace
 from shimmy.settings import Settings
 
 MESSAGES = [

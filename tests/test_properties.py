@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from shimmy.api.openai_schemas import (
+from shimmy.api.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     parse_body,
 )
-from shimmy.api.schemas import parse_generate_request, parse_json
+from shimmy.api.native.protocol import parse_generate_request, parse_json
 from shimmy.errors import InvalidRequest
 
 PROPERTY_SETTINGS = settings(

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shimmy.api.structured import (
+from shimmy.serving.structured import (
     ToolCallStreamFilter,
     ToolSpec,
     extract_tool_calls,

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from shimmy import __version__
-from shimmy.api.system import DEVICE_TYPES
+from shimmy.api.admin.system import DEVICE_TYPES
 
 
 @pytest.fixture

@@ -25,7 +25,13 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shimmy.api import admin, batch, errors, locallab, metrics, native, openai, openapi, system, ws
+from shimmy.api import errors, metrics, openapi
+from shimmy.api.admin import routes as admin
+from shimmy.api.admin import system
+from shimmy.api.locallab import routes as locallab
+from shimmy.api.native import routes as native
+from shimmy.api.openai import routes as openai
+from shimmy.api.ws import routes as ws
 from shimmy.api.access_log import AccessLogMiddleware
 from shimmy.api.ratelimit import RateLimitMiddleware
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
@@ -146,7 +152,6 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             *ws.routes,
             Mount("/v1", routes=openai.routes),
             *openapi.routes,
-            *batch.routes,
             *system.routes,
             *metrics.routes,
             *locallab.routes,

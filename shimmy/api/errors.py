@@ -25,6 +25,7 @@ from shimmy.errors import (
     PayloadTooLarge,
     ServerError,
     ShimmyError,
+    unexpected_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,17 +137,8 @@ def from_http_exception(exc: HTTPException) -> ShimmyError:
     if exc.status_code == 413:
         return PayloadTooLarge()
     if 400 <= exc.status_code < 500:
-        err: ShimmyError = InvalidRequest(str(exc.detail))
-    else:
-        err = ServerError()
-    err.status = exc.status_code
-    return err
-
-
-def unexpected_error(exc: BaseException) -> ServerError:
-    """Log an unexpected exception in full server-side; the client only learns it happened."""
-    logger.error("unexpected error while serving a request", exc_info=exc)
-    return ServerError()
+        return InvalidRequest(str(exc.detail), status=exc.status_code)
+    return ServerError(status=exc.status_code)
 
 
 async def handle_shimmy_error(request: HTTPConnection, exc: Exception) -> JSONResponse:

@@ -25,17 +25,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from shimmy import __version__
-from shimmy.api.batch import MAX_BATCH_PROMPTS
-from shimmy.api.locallab import (
-    LOCALLAB_SAMPLING_DEFAULTS,
+from shimmy.api.locallab.protocol import (
     UNLOADED_STATUS,
     BatchBody,
     ChatBody,
     GenerateBody,
     LoadBody,
 )
-from shimmy.api.openai_schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from shimmy.api.schemas import MAX_STOP_STRINGS, GenerateRequest
+from shimmy.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from shimmy.api.native.protocol import MAX_BATCH_PROMPTS, GenerateRequest
+from shimmy.api.protocol.common import MAX_STOP_STRINGS
+from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.api.security import keys_configured
 from shimmy.chat.messages import ROLES
 from shimmy.settings import Settings
@@ -120,13 +120,7 @@ def request_schemas() -> dict[str, Schema]:
         "The model to load; it becomes the current model"
     )
     # The chat layer refuses other roles before any template runs (shimmy.chat.messages).
-    for message in ("NativeChatMessage", "LocalLabChatMessage"):
-        schemas[message]["properties"]["role"] = {"enum": list(ROLES), "title": "Role"}
-    native_message = schemas["NativeChatMessage"]["properties"]
-    native_message["content"] = {
-        "anyOf": [{"type": "string"}, {"type": "array", "items": _ref("TextPart")}],
-        "title": "Content",
-    }
+    schemas["ChatMessage"]["properties"]["role"] = {"enum": list(ROLES), "title": "Role"}
     return schemas
 
 
@@ -198,7 +192,9 @@ def _patch_locallab_options(schema: Schema) -> None:
     properties = schema["properties"]
     for name, note in _LOCALLAB_FIELD_NOTES.items():
         properties[name]["description"] = note
-    for name, value in LOCALLAB_SAMPLING_DEFAULTS.items():
+    locallab = DEFAULTS[Dialect.LOCALLAB].sampling()
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = locallab[name]
         properties[name]["description"] = f"Default: {value}, unless the model's config sets one"
     schema["description"] = "LocalLab's fields; null means the default. Unknown fields are ignored"
 

@@ -26,15 +26,17 @@ from shimmy.cli.options import CommonOptions, build_settings, with_common_option
 from shimmy.cli.output import tell, write_stdout
 from shimmy.cli.sampling import SamplingFlags, max_tokens_option, with_sampling_options
 from shimmy.errors import InvalidRequest, ShimmyError
+from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream, ModelEngine
-    from shimmy.engine.types import Usage
+    from shimmy.engine.protocol import Engine as ModelEngine
+    from shimmy.engine.protocol import Stream as GenerationStream
+    from shimmy.engine.types import GenerationRequest, Usage
 
 PROMPT = ">>> "
 CONTINUATION_PROMPT = "... "
-DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MAX_TOKENS = DEFAULTS[Dialect.CLI_CHAT].max_tokens or 1
 HISTORY_FILE = "chat_history"
 HISTORY_LENGTH = 1000
 MULTILINE_QUOTES = '"""'
@@ -102,15 +104,24 @@ class ChatSession:
         self.interactive = interactive
 
     # --- one turn -------------------------------------------------------------------------
-    def prompt_for(self, user_text: str) -> str:
-        """The rendered conversation ending with ``user_text``. When it no longer fits the
-        context (with room left for an answer), the oldest exchanges are forgotten."""
+    async def prepare_turn(self, user_text: str) -> GenerationRequest:
+        """The request for the conversation ending with ``user_text``. When it no longer fits
+        the context (with room left for an answer), the oldest exchanges are forgotten."""
+        from shimmy.serving.chat import Message
+        from shimmy.serving.prepare import prepare
+
         self.conversation.messages.append({"role": "user", "content": user_text})
         room = min(self.max_tokens or DEFAULT_MAX_TOKENS, self.engine.n_ctx // 4)
         forgot = 0
         while True:
-            prompt = self.engine.template.render(self.conversation.rendered())
-            if len(self.engine.model.tokenize(prompt)) + room <= self.engine.n_ctx:
+            messages = [Message(m["role"], m["content"]) for m in self.conversation.messages]
+            given = self.sampling.input(
+                messages=messages, system=self.conversation.system or None, max_tokens=self.max_tokens
+            )
+            prepared = await prepare(self.engine, given, Dialect.CLI_CHAT, self.settings)
+            request = prepared.request
+            assert isinstance(request.prompt, str)
+            if len(await self.engine.tokenize(request.prompt)) + room <= self.engine.n_ctx:
                 break
             if not self.conversation.forget_oldest_exchange():
                 self.conversation.messages.pop()
@@ -120,19 +131,14 @@ class ChatSession:
             forgot += 1
         if forgot and self.interactive:
             tell(f"(forgot the {forgot} oldest exchange(s) to fit the context)")
-        return prompt
+        return request
 
-    async def answer(self, prompt: str, turn: Turn) -> None:
+    async def reply(self, user_text: str, turn: Turn) -> None:
+        await self.answer(await self.prepare_turn(user_text), turn)
+
+    async def answer(self, request: GenerationRequest, turn: Turn) -> None:
         from shimmy.engine.types import TextDelta
 
-        request = self.sampling.request(
-            self.engine,
-            self.settings,
-            prompt,
-            max_tokens=self.max_tokens,
-            default_max_tokens=DEFAULT_MAX_TOKENS,
-            extra_stop=self.engine.template.stop_strings,
-        )
         stream = turn.stream = self.engine.submit(request)
         if turn.stop_requested:  # Ctrl-C came while the prompt was being prepared
             stream.cancel()
@@ -300,7 +306,7 @@ def run_chat(session: ChatSession, runner: asyncio.Runner) -> None:
         turn = Turn()
         try:
             with ctrl_c_stops(turn, runner.get_loop()):
-                runner.run(session.answer(session.prompt_for(text), turn))
+                runner.run(session.reply(text, turn))
         except ShimmyError as err:
             del session.conversation.messages[said_before:]
             tell(f"error: {err.details or err.message}")

@@ -16,16 +16,17 @@ from shimmy.cli.options import CommonOptions, build_settings, with_common_option
 from shimmy.cli.output import print_json, write_stdout
 from shimmy.cli.sampling import SamplingFlags, max_tokens_option, with_sampling_options
 from shimmy.errors import InvalidRequest
+from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine as ModelEngine
     from shimmy.engine.types import Finished
 
 # Templates a model (or its config) brings itself; shimmy's builtin guesses are used only
 # when asked for, since a base model given chat markup it never saw answers worse.
 _MODEL_OWN_TEMPLATES = ("gguf", "override")
-DEFAULT_MAX_TOKENS = 50
+DEFAULT_MAX_TOKENS = DEFAULTS[Dialect.CLI_GENERATE].max_tokens or 1
 
 
 def read_prompt(argument: str | None, option: str | None, file: Path | None) -> str:
@@ -74,27 +75,21 @@ async def _generate(
     max_tokens: int | None,
 ) -> None:
     from shimmy.engine.types import TextDelta
+    from shimmy.serving.chat import Message
+    from shimmy.serving.prepare import prepare
 
     registry = await open_registry(settings)
     try:
         engine = await load_engine(registry, None)
-        stop: list[str] = []
         if wants_chat_template(engine, raw=raw, chat=chat, system=system is not None):
-            messages = [{"role": "user", "content": prompt}]
-            if system is not None:
-                messages.insert(0, {"role": "system", "content": system})
-            prompt = engine.template.render(messages)
-            stop = engine.template.stop_strings
-        elif system is not None:
-            prompt = f"{system}\n\n{prompt}"  # as POST /api/generate does with prompt + system
-        request = sampling.request(
-            engine,
-            settings,
-            prompt,
-            max_tokens=max_tokens,
-            default_max_tokens=DEFAULT_MAX_TOKENS,
-            extra_stop=stop,
-        )
+            given = sampling.input(
+                messages=[Message("user", prompt)], system=system, max_tokens=max_tokens
+            )
+        else:
+            # as POST /api/generate does with prompt + system
+            given = sampling.input(prompt=prompt, system=system, max_tokens=max_tokens)
+        prepared = await prepare(engine, given, Dialect.CLI_GENERATE, settings)
+        request = prepared.request
         stream = engine.submit(request)
         try:
             if as_json:

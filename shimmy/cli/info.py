@@ -112,17 +112,21 @@ def _rate(count: int, seconds: float) -> float | None:
 
 
 async def _probe(settings: Settings) -> ProbeResult:
-    from shimmy.engine.types import GenerationRequest, SamplingParams, TextDelta
+    from shimmy.engine.types import TextDelta
+    from shimmy.serving.defaults import Dialect
+    from shimmy.serving.prepare import GenerationInput, prepare
 
     registry = await open_registry(settings)
     try:
         entry = registry.resolve(None)
         engine = await load_engine(registry, entry.id)
-        request = GenerationRequest(
+        # Sent explicitly, so a model's configured defaults cannot change the measurement.
+        given = GenerationInput(
             prompt=PROBE_PROMPT,
+            sampling={"temperature": 0.0, "seed": 0},
             max_tokens=PROBE_TOKENS,
-            sampling=SamplingParams(temperature=0.0, seed=0),
         )
+        request = (await prepare(engine, given, Dialect.CLI_PROBE, settings)).request
         started = time.perf_counter()
         first_text_at: float | None = None
         parts: list[str] = []

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from shimmy.cli.options import option, splice_options
-from shimmy.engine.types import GenerationRequest, SamplingParams
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import ModelEngine
-    from shimmy.settings import Settings
+    from shimmy.serving.chat import Message
+    from shimmy.serving.prepare import GenerationInput
 
 _PANEL = "Sampling"
 
@@ -41,29 +40,25 @@ class SamplingFlags:
     values: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
 
-    def request(
+    def input(
         self,
-        engine: ModelEngine,
-        settings: Settings,
-        prompt: str,
         *,
+        prompt: str | None = None,
+        messages: list[Message] | None = None,
+        system: str | None = None,
         max_tokens: int | None,
-        default_max_tokens: int,
-        extra_stop: list[str] | None = None,
-    ) -> GenerationRequest:
-        """A request for ``engine``: typed flags, then the model's defaults, then shimmy's."""
-        defaults = engine.options.sampling.values()
-        if max_tokens is None:
-            max_tokens = defaults.get("max_tokens", default_max_tokens)
-        chosen = {key: value for key, value in defaults.items() if key != "max_tokens"}
-        chosen.update(self.values)
-        stop = list(self.stop)
-        stop += [marker for marker in extra_stop or [] if marker not in stop]
-        return GenerationRequest(
+    ) -> GenerationInput:
+        """What ``prepare`` needs: the typed flags; the rest takes the model's defaults, then
+        the command's row of the defaults table."""
+        from shimmy.serving.prepare import GenerationInput
+
+        return GenerationInput(
             prompt=prompt,
-            max_tokens=min(max_tokens, settings.max_tokens_cap),
-            sampling=SamplingParams(**chosen),
-            stop=stop,
+            messages=messages,
+            system=system,
+            sampling=dict(self.values),
+            stop=list(self.stop),
+            max_tokens=max_tokens,
         )
 
 

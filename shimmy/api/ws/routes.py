@@ -20,20 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from shimmy.api.errors import unexpected_error, ws_error_frame
-from shimmy.api.schemas import GenerateRequest, parse_generate_request, parse_json, to_generation
+from shimmy.api.errors import ws_error_frame
+from shimmy.api.native.protocol import GenerateRequest, parse_generate_request
+from shimmy.api.protocol.common import parse_json
 from shimmy.engine.types import Finished, TextDelta
-from shimmy.errors import InvalidRequest, PayloadTooLarge, ShimmyError
+from shimmy.errors import InvalidRequest, PayloadTooLarge, ShimmyError, unexpected_error
+from shimmy.serving.defaults import Dialect
+from shimmy.serving.prepare import prepare
+from shimmy.serving.run import frames, start
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream
+    from shimmy.engine.protocol import Stream as GenerationStream
     from shimmy.registry import ModelRegistry
     from shimmy.settings import Settings
 
@@ -70,6 +74,26 @@ class _Job:
         self.stream = stream
         if self.cancelled:  # cancelled while the model was loading or the prompt rendering
             stream.cancel()
+
+
+class WsFrames:
+    """``{"token"}`` frames, then ``{"done", "finish_reason", "usage"}`` or ``{"error"}``."""
+
+    def opening(self) -> Iterable[dict[str, Any]]:
+        return ()
+
+    def delta(self, event: TextDelta) -> Iterable[dict[str, Any]]:
+        return ({"token": event.text},) if event.text else ()
+
+    def finished(self, event: Finished) -> Iterable[dict[str, Any]]:
+        usage = event.usage.as_dict()
+        return ({"done": True, "finish_reason": event.finish_reason, "usage": usage},)
+
+    def error(self, err: ShimmyError) -> Iterable[dict[str, Any]]:
+        return (ws_error_frame(err),)
+
+    def closing(self) -> Iterable[dict[str, Any]]:
+        return ()
 
 
 @dataclass
@@ -111,24 +135,13 @@ class _Connection:
 
     async def _run(self, request: GenerateRequest) -> None:
         job = self.job = _Job()
-        stream: GenerationStream | None = None
         try:
             engine = await self.registry.get_engine(request.model, keep_alive=request.keep_alive)
-            generation = await to_generation(request, engine, self.settings)
-            stream = engine.submit(generation)
-            job.attach(stream)
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        await self._send({"token": event.text})
-                elif isinstance(event, Finished):
-                    await self._send(
-                        {
-                            "done": True,
-                            "finish_reason": event.finish_reason,
-                            "usage": event.usage.as_dict(),
-                        }
-                    )
+            prepared = await prepare(engine, request.to_input(), Dialect.NATIVE, self.settings)
+            started = await start(engine, prepared)
+            job.attach(started.stream)
+            async for frame in frames(started, WsFrames()):
+                await self._send(frame)
         except ShimmyError as err:
             await self._send(ws_error_frame(err))
         except _ClientGone:
@@ -137,8 +150,7 @@ class _Connection:
             await self._send(ws_error_frame(unexpected_error(exc)))
         finally:
             self.job = None
-            if stream is not None:
-                stream.cancel()
+            job.cancel()
 
     async def _read_frames(self) -> None:
         """Read every frame of the connection: cancel at once, queue everything else.

@@ -1,4 +1,4 @@
-"""Request schemas of the OpenAI-compatible API (``/v1``).
+"""Requests of the OpenAI-compatible API (``/v1``).
 
 Fields follow OpenAI's API reference. Clients send many fields we do not use (``user``,
 ``metadata``, ``store``, ``parallel_tool_calls``...), and often send ``null`` for "not set":
@@ -8,43 +8,40 @@ the native API (a string where a number belongs is a client bug), and ranges are
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictStr,
-    ValidationError,
+from pydantic import Field, StrictBool, StrictStr
+
+from shimmy.api.protocol.common import (
+    ChatMessage,
+    OptionalMessageContent,
+    PositiveInt,
+    StrictFloat,
+    StrictInteger,
+    Temperature,
+    TopP,
+    WireModel,
 )
-
-from shimmy.api.errors import validation_error
-from shimmy.engine.types import SamplingParams
 from shimmy.errors import InvalidRequest
+from shimmy.serving.chat import Message, ResponseFormat as ResponseFormatInput
+from shimmy.serving.chat import ToolCallInput, ToolChoice as ToolChoiceInput
+from shimmy.serving.prepare import GenerationInput
+from shimmy.serving.structured import ToolSpec
 
 MAX_STOP_STRINGS = 16
 MAX_EMBEDDING_INPUTS = 2048
 MAX_COMPLETION_PROMPTS = 64
 MAX_TOOLS = 128
 
-StrictFloat = Annotated[float, Field(strict=True)]
-StrictInt = Annotated[int, Field(strict=True)]
-Temperature = Annotated[StrictFloat, Field(ge=0, le=2)]
-TopP = Annotated[StrictFloat, Field(ge=0, le=1)]
+StrictInt = StrictInteger
 Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
+# OpenAI ignores empty stop strings (an empty one would end every reply at once), so this is
+# not the native StopList, which refuses them.
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)]
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
-
-
-class ContentPart(_Lenient):
-    type: StrictStr
-    text: StrictStr | None = None
+_Lenient = WireModel
 
 
 class FunctionCall(_Lenient):
@@ -58,29 +55,20 @@ class ToolCall(_Lenient):
     function: FunctionCall
 
 
-class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: StrictStr | list[ContentPart] | None = None
+class OpenAIChatMessage(ChatMessage):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # type: ignore[assignment]
+    content: OptionalMessageContent = ""
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: StrictStr | None = None
 
-    def text(self) -> str:
-        """The message's text; content parts are joined by newlines. Only text parts are
-        understood: these models read text, and silently dropping an image would mislead."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        texts: list[str] = []
-        for part in self.content:
-            if part.type not in ("text", "input_text") or part.text is None:
-                raise InvalidRequest(
-                    f"content parts of type {part.type!r} are not supported; only text parts are",
-                    param="messages",
-                )
-            texts.append(part.text)
-        return "\n".join(texts)
+    def to_message(self) -> Message:
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        calls = tuple(
+            ToolCallInput(c.function.name, c.function.arguments, c.id)
+            for c in self.tool_calls or ()
+        )
+        return Message(role, self.content, calls, self.tool_call_id, self.name)
 
 
 class FunctionDefinition(_Lenient):
@@ -138,19 +126,18 @@ class _SamplingFields(_Lenient):
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
 
-    def sampling(self, grammar: str | None = None) -> SamplingParams:
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0,
-            min_p=0.0,
-            repetition_penalty=1.0,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
+    def sampling_sent(self) -> dict[str, Any]:
+        """The sampling fields the client set; the rest take the model's and OpenAI's defaults."""
+        sent: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        if self.seed is not None:
             # llama.cpp seeds are 32-bit; OpenAI's are any int64. Fold, keeping determinism.
-            seed=None if self.seed is None else self.seed & 0xFFFFFFFF,
-            grammar=grammar,
-        )
+            sent["seed"] = self.seed & 0xFFFFFFFF
+        return {name: value for name, value in sent.items() if value is not None}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -168,7 +155,7 @@ class _SamplingFields(_Lenient):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[OpenAIChatMessage], Field(min_length=1)]
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool | None = None
@@ -182,6 +169,36 @@ class ChatCompletionRequest(_SamplingFields):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+    def to_input(self) -> GenerationInput:
+        tools = [
+            ToolSpec(t.function.name, t.function.description, t.function.parameters or {})
+            for t in self.tools or []
+        ]
+        return GenerationInput(
+            messages=[message.to_message() for message in self.messages],
+            sampling=self.sampling_sent(),
+            stop=self.stop_list(),
+            max_tokens=self.requested_max_tokens(),
+            logprobs=self.logprobs_top_n(),
+            tools=tools,
+            tool_choice=self.tool_choice_input(),
+            wire_tools=[t.model_dump(exclude_none=True) for t in self.tools or []],
+            response_format=self.response_format_input(),
+        )
+
+    def tool_choice_input(self) -> ToolChoiceInput | None:
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return None if choice is None else ToolChoiceInput(choice)
+        return ToolChoiceInput("named", choice.function.name)
+
+    def response_format_input(self) -> ResponseFormatInput | None:
+        fmt = self.response_format
+        if fmt is None:
+            return None
+        schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
+        return ResponseFormatInput(fmt.type, schema)
 
     def logprobs_top_n(self) -> int | None:
         if not self.logprobs:
@@ -217,6 +234,15 @@ class CompletionRequest(_SamplingFields):
             )
         return list(prompt)
 
+    def to_input(self, prompt: str) -> GenerationInput:
+        return GenerationInput(
+            prompt=prompt,
+            sampling=self.sampling_sent(),
+            stop=self.stop_list(),
+            max_tokens=self.max_tokens,
+            logprobs=self.logprobs,
+        )
+
     def check_supported(self) -> None:
         self.check_single_choice()
         if self.echo:
@@ -245,16 +271,3 @@ class EmbeddingRequest(_Lenient):
                 f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input"
             )
         return list(self.input)
-
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def parse_body(model: type[ModelT], data: Any) -> ModelT:
-    """Validate parsed JSON as ``model``; a violation is an ``InvalidRequest`` naming the field."""
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None

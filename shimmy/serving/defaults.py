@@ -1,0 +1,60 @@
+"""The documented defaults of every dialect, in one table.
+
+A field a client leaves out takes, in this order: the model's configured default (the TOML
+config's ``[models.ID.sampling]``), then its dialect's row here. Each dialect keeps the defaults
+its clients were written against: OpenAI's clients tune against OpenAI (temperature 1, no top-k,
+16 tokens for the legacy completions endpoint), LocalLab's against LocalLab's server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class Dialect(StrEnum):
+    NATIVE = "native"  # POST /api/generate, /api/generate/batch and /ws/generate frames
+    OPENAI_CHAT = "openai_chat"
+    OPENAI_COMPLETIONS = "openai_completions"
+    LOCALLAB = "locallab"
+    CLI_GENERATE = "cli_generate"
+    CLI_CHAT = "cli_chat"
+    CLI_PROBE = "cli_probe"
+
+
+@dataclass(frozen=True)
+class DialectDefaults:
+    # None: up to the server's cap (``max_tokens_cap``), which the context still bounds.
+    max_tokens: int | None
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1
+
+    def sampling(self) -> dict[str, float | int]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
+_OPENAI = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
+    {
+        Dialect.NATIVE: DialectDefaults(max_tokens=100),
+        Dialect.OPENAI_CHAT: DialectDefaults(max_tokens=None, **_OPENAI),
+        Dialect.OPENAI_COMPLETIONS: DialectDefaults(max_tokens=16, **_OPENAI),
+        Dialect.LOCALLAB: DialectDefaults(max_tokens=None, top_k=80, repetition_penalty=1.15),
+        Dialect.CLI_GENERATE: DialectDefaults(max_tokens=50),
+        Dialect.CLI_CHAT: DialectDefaults(max_tokens=1024),
+        # A fixed, greedy, short generation: the same measurement on every run.
+        Dialect.CLI_PROBE: DialectDefaults(max_tokens=16, temperature=0.0),
+    }
+)
