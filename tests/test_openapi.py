@@ -20,10 +20,10 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from shimmy.api.app import create_app
-from shimmy.api.locallab.routes import BatchBody, ChatBody, GenerateBody, LoadBody
+from shimmy.api.locallab.protocol import BatchBody, ChatBody, GenerateBody, LoadBody
+from shimmy.api.native.protocol import GenerateRequest
 from shimmy.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shimmy.api.openapi import build_openapi
-from shimmy.api.native.protocol import GenerateRequest
 from shimmy.settings import Settings
 
 # The chat page's scripts, styles and icon are left out of the document on purpose: they are

@@ -16,13 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from shimmy.api.native.protocol import parse_generate_request
 from shimmy.api.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    parse_body,
 )
-from shimmy.api.native.protocol import parse_generate_request, parse_json
+from shimmy.api.protocol.common import parse_json
+from shimmy.api.protocol.common import validate_body as parse_body
 from shimmy.errors import InvalidRequest
 
 PROPERTY_SETTINGS = settings(
@@ -136,8 +137,8 @@ def test_valid_generate_requests_validate(data: dict[str, Any], extra: dict[str,
         assert request.stop == expected
     if request.messages is not None:
         assert len(request.messages) == len(data["messages"])
-    sampling = request.sampling()
-    assert sampling.temperature == data.get("temperature", 0.7)
+    sampling = request.to_input().sampling
+    assert sampling.get("temperature", 0.7) == data.get("temperature", 0.7)
     assert request.keep_alive is None or math.isfinite(request.keep_alive)
 
 
@@ -236,16 +237,14 @@ def use_chat(request: ChatCompletionRequest) -> None:
     request.requested_max_tokens()
     request.include_usage()
     request.stop_list()
-    request.sampling()
-    for message in request.messages:
-        message.text()
+    request.to_input()
 
 
 def use_completion(request: CompletionRequest) -> None:
     request.check_supported()
-    request.prompts()
+    for prompt in request.prompts():
+        request.to_input(prompt)
     request.stop_list()
-    request.sampling()
 
 
 def use_embedding(request: EmbeddingRequest) -> None:

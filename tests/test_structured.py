@@ -19,6 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shimmy.engine.llama import LlamaModel
+from shimmy.errors import InvalidRequest
 from shimmy.serving.structured import (
     ToolCallStreamFilter,
     ToolSpec,
@@ -29,8 +31,6 @@ from shimmy.serving.structured import (
     tool_call_grammar,
     tools_instruction,
 )
-from shimmy.engine.llama import LlamaModel
-from shimmy.errors import InvalidRequest
 
 
 class GrammarProbe:

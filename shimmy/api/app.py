@@ -26,16 +26,16 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shimmy.api import errors, metrics, openapi
+from shimmy.api.access_log import AccessLogMiddleware
 from shimmy.api.admin import routes as admin
 from shimmy.api.admin import system
 from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
 from shimmy.api.openai import routes as openai
-from shimmy.api.ws import routes as ws
-from shimmy.api.access_log import AccessLogMiddleware
 from shimmy.api.ratelimit import RateLimitMiddleware
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
-from shimmy.errors import PayloadTooLarge, ShimmyError
+from shimmy.api.ws import routes as ws
+from shimmy.errors import PayloadTooLarge, ShimmyError, unexpected_error
 from shimmy.registry import ModelRegistry
 from shimmy.settings import Settings
 from shimmy.web import routes as web
@@ -72,7 +72,7 @@ class CatchAllMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
-            err = exc if isinstance(exc, ShimmyError) else errors.unexpected_error(exc)
+            err = exc if isinstance(exc, ShimmyError) else unexpected_error(exc)
             if started:
                 return
             if scope["type"] == "http":

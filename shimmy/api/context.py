@@ -3,6 +3,7 @@ its client is still there."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection, Request
@@ -10,8 +11,7 @@ from starlette.requests import HTTPConnection, Request
 from shimmy.api.sse import wait_for_disconnect
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-    from typing import Any
+    from collections.abc import Awaitable, Callable
 
     from shimmy.registry import ModelRegistry
     from shimmy.settings import Settings
@@ -27,6 +27,6 @@ def settings_of(connection: HTTPConnection) -> Settings:
     return settings
 
 
-def client_gone(request: Request) -> Coroutine[Any, Any, None]:
-    """Completes when the client closes the connection (only once the body has been read)."""
-    return wait_for_disconnect(request.receive)
+def client_gone(request: Request) -> Callable[[], Awaitable[None]]:
+    """Waits until the client closes the connection (start it once the body has been read)."""
+    return functools.partial(wait_for_disconnect, request.receive)

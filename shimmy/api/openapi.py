@@ -32,12 +32,12 @@ from shimmy.api.locallab.protocol import (
     GenerateBody,
     LoadBody,
 )
-from shimmy.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shimmy.api.native.protocol import MAX_BATCH_PROMPTS, GenerateRequest
+from shimmy.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from shimmy.api.protocol.common import MAX_STOP_STRINGS
-from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.api.security import keys_configured
 from shimmy.chat.messages import ROLES
+from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.settings import Settings
 
 Schema = dict[str, Any]

@@ -281,7 +281,7 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
         budget.check_size(text, "a string built with '~'")
         return text
 
-    def concat(self, pieces: Iterable[str]) -> str:  # type: ignore[override]
+    def concat(self, pieces: Iterable[str]) -> str:
         # Jinja joins block output (``self.blockname()``, ``super()``) with this.
         budget = self.budget
         collected = OutputBuffer(budget)

@@ -116,7 +116,9 @@ class ChatSession:
         while True:
             messages = [Message(m["role"], m["content"]) for m in self.conversation.messages]
             given = self.sampling.input(
-                messages=messages, system=self.conversation.system or None, max_tokens=self.max_tokens
+                messages=messages,
+                system=self.conversation.system or None,
+                max_tokens=self.max_tokens,
             )
             prepared = await prepare(self.engine, given, Dialect.CLI_CHAT, self.settings)
             request = prepared.request

@@ -144,9 +144,8 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 
 def main() -> int:
-    # Settings() reads SHIMMY_* from the environment; mypy needs the pydantic plugin to see
-    # that every field has a default.
-    path = ensure_starter_model(Settings())  # type: ignore[call-arg]
+    # Settings() reads SHIMMY_* from the environment.
+    path = ensure_starter_model(Settings())
     if path is None:
         print(f"the starter model package ({STARTER_PACKAGE}) is not installed", file=sys.stderr)
         return 1

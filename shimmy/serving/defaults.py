@@ -44,13 +44,15 @@ class DialectDefaults:
         }
 
 
-_OPENAI = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-
 DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
     {
         Dialect.NATIVE: DialectDefaults(max_tokens=100),
-        Dialect.OPENAI_CHAT: DialectDefaults(max_tokens=None, **_OPENAI),
-        Dialect.OPENAI_COMPLETIONS: DialectDefaults(max_tokens=16, **_OPENAI),
+        Dialect.OPENAI_CHAT: DialectDefaults(
+            None, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+        ),
+        Dialect.OPENAI_COMPLETIONS: DialectDefaults(
+            16, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+        ),
         Dialect.LOCALLAB: DialectDefaults(max_tokens=None, top_k=80, repetition_penalty=1.15),
         Dialect.CLI_GENERATE: DialectDefaults(max_tokens=50),
         Dialect.CLI_CHAT: DialectDefaults(max_tokens=1024),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -108,7 +108,7 @@ async def collect(
     engine: Engine,
     prepared: Sequence[Prepared],
     *,
-    until: Awaitable[Any] | None = None,
+    until: Callable[[], Awaitable[Any]] | None = None,
     max_seconds: float | None = None,
 ) -> list[Collected | ShimmyError]:
     """Run ``prepared`` together (queued atomically) and return each result or its error, in
@@ -132,7 +132,7 @@ async def collect(
             raise
 
     drains = asyncio.gather(*(drain_one(s, p) for s, p in zip(streams, prepared, strict=True)))
-    watch = asyncio.ensure_future(until) if until is not None else None
+    watch = asyncio.ensure_future(until()) if until is not None else None
     if watch is not None:
         watch.add_done_callback(cancel_all)
     timer = None
@@ -154,7 +154,7 @@ async def collect_one(
     engine: Engine,
     prepared: Prepared,
     *,
-    until: Awaitable[Any] | None = None,
+    until: Callable[[], Awaitable[Any]] | None = None,
     max_seconds: float | None = None,
 ) -> Collected:
     [result] = await collect(engine, [prepared], until=until, max_seconds=max_seconds)
@@ -184,14 +184,18 @@ class StreamRenderer(Protocol, Generic[FrameT_co]):
     def closing(self) -> Iterable[FrameT_co]: ...
 
 
-async def frames(started: Started, renderer: StreamRenderer[FrameT]) -> AsyncIterator[FrameT]:
+async def frames(
+    started: Started, renderer: StreamRenderer[FrameT]
+) -> AsyncGenerator[FrameT, None]:
     """The frames of ``started`` as ``renderer`` writes them; whatever happens, the generation
     is cancelled when the frames stop being read (the client left, the stream was closed)."""
     try:
         for frame in renderer.opening():
             yield frame
         async for event in started.events():
-            out = renderer.delta(event) if isinstance(event, TextDelta) else renderer.finished(event)
+            out = (
+                renderer.delta(event) if isinstance(event, TextDelta) else renderer.finished(event)
+            )
             for frame in out:
                 yield frame
     except ShimmyError as err:

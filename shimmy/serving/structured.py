@@ -69,7 +69,7 @@ def json_object_grammar(max_depth: int = JSON_MAX_DEPTH) -> str:
     return "\n".join(lines) + "\n" + _JSON_SCALARS
 
 
-class _StrictStringConverter(SchemaConverter):  # type: ignore[misc]
+class _StrictStringConverter(SchemaConverter):
     """``SchemaConverter`` whose strings cannot contain raw control characters."""
 
     def __init__(self) -> None:

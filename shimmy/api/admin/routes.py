@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from shimmy.api.keepalive import parse_keep_alive, wants_to_wait
-from shimmy.api.native.protocol import parse_json
+from shimmy.api.protocol.common import parse_json
 from shimmy.errors import (
     Conflict,
     Forbidden,

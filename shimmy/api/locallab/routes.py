@@ -52,8 +52,16 @@ from shimmy.api.sse import DONE, EventStreamResponse
 from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import NotFound, ShimmyError
 from shimmy.serving.defaults import Dialect
-from shimmy.serving.prepare import GenerationInput, Prepared, prepare
-from shimmy.serving.run import Started, collect, collect_one, frames, start, total_usage
+from shimmy.serving.prepare import GenerationInput, prepare
+from shimmy.serving.run import (
+    Collected,
+    Started,
+    collect,
+    collect_one,
+    frames,
+    start,
+    total_usage,
+)
 
 if TYPE_CHECKING:
     from shimmy.engine.protocol import Engine
@@ -162,35 +170,39 @@ class ChatEvents(_LocalLabEvents):
         return (DONE, b'"[DONE]"\n\n')
 
 
-async def _prepared(request: Request, options: LocalLabOptions, given: GenerationInput) -> tuple[Engine, Prepared]:
+EventsKind = type[TextEvents] | type[ChatEvents]
+
+
+async def _answer(
+    request: Request, options: LocalLabOptions, given: GenerationInput, kind: EventsKind
+) -> tuple[str, Collected] | Response:
+    """Run one generation: a stream response when asked for one, else the collected answer
+    (cut at ``max_time``, stopped if the client leaves) with the model's id."""
     engine = await engine_for(request, options)
     annotate(request, model=engine.entry.id)
     prepared = await prepare(engine, given, Dialect.LOCALLAB, settings_of(request))
-    return engine, prepared
-
-
-async def _stream(
-    request: Request, engine: Engine, prepared: Prepared, options: LocalLabOptions, kind: type[TextEvents] | type[ChatEvents]
-) -> Response:
-    started = await start(engine, prepared)
-    timer = stop_after(options.max_time, started)
-    return EventStreamResponse(frames(started, kind(request, timer)))
+    if options.stream:
+        started = await start(engine, prepared)
+        timer = stop_after(options.max_time, started)
+        return EventStreamResponse(frames(started, kind(request, timer)))
+    result = await collect_one(
+        engine, prepared, until=client_gone(request), max_seconds=options.max_time
+    )
+    annotate(request, usage=result.finished.usage)
+    return engine.entry.id, result
 
 
 async def generate(request: Request) -> Response:
     body = parse_body(GenerateBody, await request.body())
-    engine, prepared = await _prepared(request, body, body.to_input(prompt=body.prompt))
-    if body.stream:
-        return await _stream(request, engine, prepared, body, TextEvents)
-    result = await collect_one(
-        engine, prepared, until=client_gone(request), max_seconds=body.max_time
-    )
-    annotate(request, usage=result.finished.usage)
+    answer = await _answer(request, body, body.to_input(prompt=body.prompt), TextEvents)
+    if isinstance(answer, Response):
+        return answer
+    model_id, result = answer
     return JSONResponse(
         {
             "response": result.text,
             "text": result.text,  # the field name of LocalLab's own server; its client reads either
-            "model": engine.entry.id,
+            "model": model_id,
             "finish_reason": result.finished.finish_reason,
             "usage": result.finished.usage.as_dict(),
         }
@@ -199,25 +211,17 @@ async def generate(request: Request) -> Response:
 
 async def chat(request: Request) -> Response:
     body = parse_body(ChatBody, await request.body())
-    engine, prepared = await _prepared(request, body, body.to_input(messages=body.messages))
-    if body.stream:
-        return await _stream(request, engine, prepared, body, ChatEvents)
-    result = await collect_one(
-        engine, prepared, until=client_gone(request), max_seconds=body.max_time
-    )
-    annotate(request, usage=result.finished.usage)
+    answer = await _answer(request, body, body.to_input(messages=body.messages), ChatEvents)
+    if isinstance(answer, Response):
+        return answer
+    model_id, result = answer
+    choice = {
+        "message": {"role": "assistant", "content": result.text},
+        "index": 0,
+        "finish_reason": result.finished.finish_reason,
+    }
     return JSONResponse(
-        {
-            "model": engine.entry.id,
-            "choices": [
-                {
-                    "message": {"role": "assistant", "content": result.text},
-                    "index": 0,
-                    "finish_reason": result.finished.finish_reason,
-                }
-            ],
-            "usage": result.finished.usage.as_dict(),
-        }
+        {"model": model_id, "choices": [choice], "usage": result.finished.usage.as_dict()}
     )
 
 

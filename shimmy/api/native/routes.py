@@ -18,7 +18,7 @@ from shimmy.api.access_log import annotate
 from shimmy.api.context import client_gone, registry_of, settings_of
 from shimmy.api.errors import native_error_body
 from shimmy.api.keepalive import wants_to_wait
-from shimmy.api.native.protocol import GenerateRequest, parse_batch_request, parse_generate_request
+from shimmy.api.native.protocol import parse_batch_request, parse_generate_request
 from shimmy.api.protocol.common import parse_json
 from shimmy.api.sse import DONE, EventStreamResponse, sse_event
 from shimmy.engine.types import Finished, TextDelta
@@ -126,7 +126,8 @@ def raise_first_failure(results: list[Any]) -> list[Any]:
     for index, result in enumerate(results):
         if isinstance(result, ShimmyError):
             raise result.copy_with(
-                param=f"prompts.{index}", details=f"prompt {index}: {result.details or result.message}"
+                param=f"prompts.{index}",
+                details=f"prompt {index}: {result.details or result.message}",
             )
     return results
 

@@ -23,8 +23,9 @@ from shimmy.api.protocol.common import (
     WireModel,
 )
 from shimmy.errors import InvalidRequest
-from shimmy.serving.chat import Message, ResponseFormat as ResponseFormatInput
-from shimmy.serving.chat import ToolCallInput, ToolChoice as ToolChoiceInput
+from shimmy.serving.chat import Message, ToolCallInput
+from shimmy.serving.chat import ResponseFormat as ResponseFormatInput
+from shimmy.serving.chat import ToolChoice as ToolChoiceInput
 from shimmy.serving.prepare import GenerationInput
 from shimmy.serving.structured import ToolSpec
 
@@ -56,7 +57,7 @@ class ToolCall(_Lenient):
 
 
 class OpenAIChatMessage(ChatMessage):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # type: ignore[assignment]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: OptionalMessageContent = ""
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = None

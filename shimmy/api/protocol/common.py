@@ -46,7 +46,10 @@ _CONTENT_SCHEMA: dict[str, Any] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"type": {"enum": list(_TEXT_PART_TYPES)}, "text": {"type": "string"}},
+                "properties": {
+                    "type": {"enum": list(_TEXT_PART_TYPES)},
+                    "text": {"type": "string"},
+                },
                 "required": ["type", "text"],
             },
         },
