@@ -314,3 +314,17 @@ async def test_a_failing_progress_observer_does_not_fail_the_load(
         assert finished.usage.completion_tokens >= 1
     finally:
         await registry.aclose()
+
+
+def test_pull_without_stream_answers_with_the_error_status(
+    three_models: Path, tmp_path: Path, server_factory: ServerFactory, mirror: MirrorServer
+) -> None:
+    url = server_factory(isolated_settings(three_models, tmp_path))
+    source = f"{mirror.url}/files/absent.gguf"
+    response = httpx.post(f"{url}/api/pull", json={"model": source, "stream": False}, timeout=30)
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "code": "not_found",
+        "message": "The specified model was not found",
+        "details": f"absent.gguf was not found at 127.0.0.1:{mirror.server_address[1]}",
+    }

@@ -21,7 +21,17 @@ import pytest
 from shimmy.errors import InvalidRequest
 from shimmy.models import pull
 from shimmy.models.discovery import discover_models
-from shimmy.models.pull import ProgressThrottle, parse_source, pull_model
+from shimmy.models.pull import (
+    ProgressThrottle,
+    PullError,
+    PullEvent,
+    PullProgress,
+    PullSuccess,
+    PullVerifying,
+    PullWaiting,
+    parse_source,
+    pull_model,
+)
 from shimmy.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -170,8 +180,9 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pull, "RETRY_DELAY", 0.0)
 
 
-async def collect(events: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [event async for event in events]
+async def collect(events: AsyncIterator[PullEvent]) -> list[dict[str, Any]]:
+    """The events as they go over the wire."""
+    return [event.as_dict() async for event in events]
 
 
 def statuses(events: list[dict[str, Any]]) -> list[str]:
@@ -322,7 +333,7 @@ async def test_closing_the_stream_early_keeps_the_partial_and_frees_the_lock(
     mirror.state.files["/files/tiny.gguf"] = model_bytes
     source = f"{mirror.url}/files/tiny.gguf"
     events = pull_model(source, settings)
-    assert (await anext(events))["status"] == "downloading"
+    assert isinstance(await anext(events), PullProgress)
     await events.aclose()  # a client that went away
     assert "tiny.gguf.lock" not in folder_listing(settings.models_dir)
     assert "tiny.gguf" not in folder_listing(settings.models_dir)
@@ -454,11 +465,11 @@ async def test_a_second_pull_of_the_same_file_waits_for_the_first(
     mirror.state.files["/files/tiny.gguf"] = model_bytes
     source = f"{mirror.url}/files/tiny.gguf"
     first = pull_model(source, settings)
-    first_events = [await anext(first)]  # holds the lock from here on
+    first_events = [(await anext(first)).as_dict()]  # holds the lock from here on
     second_events: list[dict[str, Any]] = []
 
-    async def drain(events: AsyncIterator[dict[str, Any]], into: list[dict[str, Any]]) -> None:
-        into.extend([event async for event in events])
+    async def drain(events: AsyncIterator[PullEvent], into: list[dict[str, Any]]) -> None:
+        into.extend(await collect(events))
 
     await asyncio.gather(
         drain(first, first_events), drain(pull_model(source, settings), second_events)
@@ -591,3 +602,59 @@ def test_a_hugging_face_file_url_is_pulled_from_the_hub(pasted: str) -> None:
 def test_other_urls_on_the_hub_host_stay_plain_downloads() -> None:
     source = parse_source("https://huggingface.co/datasets/x/y/raw/main/a.gguf")
     assert source.kind == "url"
+
+
+# --- events and errors -----------------------------------------------------------------------
+
+
+async def test_a_pull_yields_typed_events(
+    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+) -> None:
+    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    events = [event async for event in pull_model(f"{mirror.url}/files/tiny.gguf", settings)]
+    *downloading, verifying, success = events
+    assert all(isinstance(event, PullProgress) for event in downloading)
+    assert verifying == PullVerifying()
+    target = (settings.models_dir / "tiny.gguf").resolve()
+    assert success == PullSuccess(id="tiny", path=str(target))
+
+
+def test_each_event_renders_its_wire_form() -> None:
+    assert PullWaiting("busy").as_dict() == {"status": "waiting", "message": "busy"}
+    assert PullProgress(total=None, completed=5, file="a.gguf").as_dict() == {
+        "status": "downloading",
+        "total": None,
+        "completed": 5,
+        "file": "a.gguf",
+    }
+    assert PullVerifying().as_dict() == {"status": "verifying"}
+    assert PullSuccess(id="a", path="/m/a.gguf").as_dict() == {
+        "status": "success",
+        "id": "a",
+        "path": "/m/a.gguf",
+    }
+    assert PullError("not_found", "gone").as_dict() == {
+        "status": "error",
+        "error": {"code": "not_found", "message": "gone"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("invalid_request", 400),
+        ("forbidden", 403),
+        ("not_found", 404),
+        ("already_exists", 409),
+        ("model_unusable", 422),
+        ("server_error", 500),
+        ("download_failed", 502),
+        ("download_corrupt", 502),
+        ("offline", 502),
+        ("insufficient_storage", 507),
+    ],
+)
+def test_a_pull_error_becomes_an_error_of_its_own_code_and_status(code: str, status: int) -> None:
+    error = PullError(code, "what happened").to_error()
+    assert (error.code, error.status, error.details) == (code, status, "what happened")
+    assert pull.PULL_ERROR_STATUS[code] == status

@@ -15,6 +15,8 @@ from websockets.sync.client import ClientConnection, connect
 from shimmy.settings import Settings
 
 LONG_REQUEST = {"model": "tiny", "prompt": "go", "max_tokens": LONG_CONTEXT - 100}
+# Far below the client's default 10 s: a close the server does not answer fails the test.
+CLOSE_TIMEOUT = 3
 
 
 def ws_url(http_url: str) -> str:
@@ -57,8 +59,11 @@ def ws_to(tiny_server: str) -> Iterator[Callable[..., ClientConnection]]:
     """Open WebSocket connections (to the tiny server unless told); all closed after the test."""
     with contextlib.ExitStack() as stack:
 
-        def open_connection(http_url: str = tiny_server) -> ClientConnection:
-            return stack.enter_context(connect(ws_url(http_url), open_timeout=30))
+        def open_connection(http_url: str = tiny_server, **options: Any) -> ClientConnection:
+            connection: ClientConnection = stack.enter_context(
+                connect(ws_url(http_url), open_timeout=30, **options)
+            )
+            return connection
 
         yield open_connection
 
@@ -183,15 +188,34 @@ def test_cancel_stops_the_running_generation(
     assert done["finish_reason"] == "length"
 
 
+def assert_closed_by_handshake(ws: ClientConnection) -> None:
+    """The server answered the client's close frame: the connection ended normally instead of
+    being dropped when the client's close_timeout ran out (1006, no close frame received)."""
+    assert ws.protocol.close_rcvd is not None
+    assert ws.protocol.close_rcvd.code == 1000
+    assert ws.close_code == 1000
+
+
+def test_close_when_idle_completes_the_handshake(ws_to: Callable[..., ClientConnection]) -> None:
+    ws = ws_to(close_timeout=CLOSE_TIMEOUT)
+    run_request(ws, {"prompt": "hi", "max_tokens": 2})
+    ws.close()
+    assert_closed_by_handshake(ws)
+
+
 def test_disconnect_cancels_the_running_generation(
     long_server: Callable[..., str], ws_to: Callable[..., ClientConnection]
 ) -> None:
     url = long_server()
-    ws = ws_to(url)
+    # The client keeps reading while it closes (no max_queue): with its default limit it stops
+    # reading once 16 frames wait unread, never sees the server's close frame behind the tokens
+    # and drops the connection after close_timeout.
+    ws = ws_to(url, max_queue=None, close_timeout=CLOSE_TIMEOUT)
     ws.send(json.dumps(LONG_REQUEST))
     assert "token" in receive(ws)
     assert busy_slots(url) == 1
     ws.close()
+    assert_closed_by_handshake(ws)
     # Each poll is a real request; no sleeps. A generation that kept running would stay busy
     # far longer than these polls take.
     assert any(busy_slots(url) == 0 for _ in range(200))

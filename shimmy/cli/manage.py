@@ -25,9 +25,16 @@ from rich.text import Text
 from shimmy.cli.options import CommonOptions, build_settings, with_common_options
 from shimmy.cli.output import print_json, stdout_console, tell, write_stdout
 from shimmy.diag import format_size
-from shimmy.errors import ModelNotFound, ServerError, ShimmyError, UpstreamFailed
+from shimmy.errors import ModelNotFound, ServerError, ShimmyError
 from shimmy.models.discovery import discover_models
-from shimmy.models.pull import parse_source, pull_model
+from shimmy.models.pull import (
+    PullError,
+    PullEvent,
+    PullProgress,
+    PullSuccess,
+    parse_source,
+    pull_model,
+)
 from shimmy.models.remove import remove_model_files
 from shimmy.models.safepath import validate_model_id
 from shimmy.settings import Settings
@@ -38,8 +45,8 @@ def pull_with_progress(source: str, settings: Settings, console: Console) -> str
     (stderr); return the new model's id."""
     parsed = parse_source(source, param="source")
 
-    async def run() -> dict[str, Any]:
-        last: dict[str, Any] = {}
+    async def run() -> PullEvent | None:
+        last: PullEvent | None = None
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -52,27 +59,23 @@ def pull_with_progress(source: str, settings: Settings, console: Console) -> str
             task = progress.add_task("pulling", total=None)
             async for event in pull_model(parsed, settings):
                 last = event
-                status = event["status"]
-                if status == "downloading":
+                if isinstance(event, PullProgress):
                     progress.update(
                         task,
-                        description=f"pulling {event.get('file', '')}".strip(),
-                        total=event.get("total"),
-                        completed=event.get("completed", 0),
+                        description=f"pulling {event.file}".strip(),
+                        total=event.total,
+                        completed=event.completed,
                     )
-                elif status in ("verifying", "waiting"):
-                    progress.update(task, description=status)
+                elif event.status in ("verifying", "waiting"):
+                    progress.update(task, description=event.status)
         return last
 
     last = asyncio.run(run())
-    if last.get("status") == "error":
-        error = last.get("error", {})
-        failure = UpstreamFailed(error.get("message", "the download failed"))
-        failure.code = error.get("code", failure.code)
-        raise failure
-    if last.get("status") != "success":
+    if isinstance(last, PullError):
+        raise last.to_error()
+    if not isinstance(last, PullSuccess):
         raise ServerError("the pull ended without a result")
-    return str(last["id"])
+    return last.id
 
 
 def remove_local_model(model_id: str, settings: Settings) -> list[Path]:

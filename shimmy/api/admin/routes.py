@@ -14,17 +14,8 @@ from starlette.routing import BaseRoute, Route
 
 from shimmy.api.keepalive import parse_keep_alive, wants_to_wait
 from shimmy.api.protocol.common import parse_json
-from shimmy.errors import (
-    Conflict,
-    Forbidden,
-    InsufficientMemory,
-    InvalidRequest,
-    ModelNotFound,
-    ModelUnusable,
-    ShimmyError,
-    UpstreamFailed,
-)
-from shimmy.models.pull import parse_source, pull_model
+from shimmy.errors import InvalidRequest, ModelNotFound
+from shimmy.models.pull import PullError, PullEvent, PullSuccess, parse_source, pull_model
 from shimmy.models.remove import remove_model_files
 from shimmy.models.safepath import validate_model_id
 from shimmy.registry import ModelRegistry
@@ -131,19 +122,6 @@ async def delete_model(request: Request) -> Response:
     return JSONResponse({"id": model_id, "deleted": [str(p) for p in removed]})
 
 
-_PULL_ERRORS: dict[str, type[ShimmyError]] = {
-    "invalid_request": InvalidRequest,
-    "not_found": ModelNotFound,
-    "forbidden": Forbidden,
-    "already_exists": Conflict,
-    "download_failed": UpstreamFailed,
-    "download_corrupt": UpstreamFailed,
-    "offline": UpstreamFailed,
-    "model_unusable": ModelUnusable,
-    "insufficient_storage": InsufficientMemory,
-}
-
-
 async def pull(request: Request) -> Response:
     registry = _registry(request)
     settings = request.app.state.settings
@@ -162,23 +140,19 @@ async def pull(request: Request) -> Response:
                 last = event
         finally:
             await events.aclose()
-        if last["status"] == "error":
-            error = last["error"]
-            kind = _PULL_ERRORS.get(error.get("code", ""), UpstreamFailed)
-            failure = kind(error.get("message"))
-            failure.code = error.get("code", failure.code)
-            raise failure
+        if isinstance(last, PullError):
+            raise last.to_error()
         await asyncio.to_thread(registry.discover)
-        return JSONResponse(last)
+        return JSONResponse(last.as_dict())
 
     async def ndjson() -> AsyncGenerator[bytes, None]:
         try:
-            event: dict[str, Any] = first
-            yield (json.dumps(event) + "\n").encode()
+            event: PullEvent = first
+            yield (json.dumps(event.as_dict()) + "\n").encode()
             async for event in events:
-                if event["status"] == "success":
+                if isinstance(event, PullSuccess):
                     await asyncio.to_thread(registry.discover)
-                yield (json.dumps(event) + "\n").encode()
+                yield (json.dumps(event.as_dict()) + "\n").encode()
         finally:
             # A client that hangs up stops the download; the partial file stays for a resume.
             await events.aclose()
