@@ -8,14 +8,17 @@ the ones the middleware really lets through.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 from conftest import isolated_settings
+from openapi_spec_validator import OpenAPIV31SpecValidator
 from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
@@ -62,6 +65,31 @@ def described(document: dict[str, Any]) -> set[str]:
         for path, operations in document["paths"].items()
         for method in operations
     }
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"web_ui": True},
+        {"api_keys": ["k"]},
+        {"rate_limit": 60},
+        {"web_ui": True, "api_key": "k", "rate_limit": 1e-6, "rate_burst": 1},
+    ],
+)
+def test_the_document_is_valid_openapi_3_1(overrides: dict[str, Any]) -> None:
+    document = build_openapi(Settings(**overrides))
+    errors = [error.message for error in OpenAPIV31SpecValidator(document).iter_errors()]
+    assert not errors
+    # Every $ref names a schema that is there.
+    schemas = document["components"]["schemas"]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs <= set(schemas), refs - set(schemas)
+
+
+def test_the_served_document_is_the_one_built_from_the_route_table(tiny_server: str) -> None:
+    served = httpx.get(f"{tiny_server}/openapi.json").json()
+    assert served == json.loads(json.dumps(build_openapi(Settings())))
 
 
 @pytest.mark.parametrize("web_ui", [True, False])
@@ -130,6 +158,63 @@ def test_request_schemas_are_the_validating_models() -> None:
     assert batch == set(GenerateRequest.model_fields) - {"prompt", "messages", "stream"} | {
         "prompts"
     }
+
+
+# Requests that succeed on the tiny model, in an order that leaves something to report (a loaded
+# model, a current LocalLab model): schemathesis mostly draws requests that fail.
+SUCCESSFUL_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("POST", "/api/generate", {"prompt": "hi", "max_tokens": 2}),
+    ("POST", "/api/generate", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("POST", "/api/generate/batch", {"prompts": ["a", "b"], "max_tokens": 2}),
+    ("POST", "/api/models/tiny/load", None),
+    ("GET", "/api/models/loaded", None),
+    ("POST", "/api/models/discover", None),
+    ("GET", "/api/system", None),
+    ("GET", "/api/health", None),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True},
+    ),
+    ("POST", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "logprobs": 1}),
+    ("POST", "/v1/embeddings", {"input": ["a"]}),
+    ("POST", "/v1/embeddings", {"input": "a", "encoding_format": "base64"}),
+    ("GET", "/v1/models/tiny", None),
+    ("POST", "/generate", {"prompt": "hi", "max_length": 2}),
+    ("POST", "/chat", {"messages": [{"role": "user", "content": "hi"}], "max_length": 2}),
+    ("POST", "/generate/batch", {"prompts": ["a"], "max_length": 2}),
+    ("POST", "/models/load", {"model_id": "tiny"}),
+    ("GET", "/models/current", None),
+    ("GET", "/models/available", None),
+    ("GET", "/system/info", None),
+    ("POST", "/models/unload", None),
+    ("POST", "/api/models/tiny/unload", None),
+]
+
+
+def test_successful_answers_match_their_declared_schemas(tiny_server: str) -> None:
+    document = httpx.get(f"{tiny_server}/openapi.json").json()
+    templates = {
+        re.compile("^" + re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path)) + "$"): path
+        for path in document["paths"]
+    }
+    with httpx.Client(base_url=tiny_server, timeout=60) as client:
+        for method, path, body in SUCCESSFUL_CALLS:
+            response = client.request(method, path, json=body)
+            assert response.status_code == 200, (method, path, response.text)
+            # The first that matches, as the router matches routes in this order.
+            template = next(
+                t
+                for pattern, t in templates.items()
+                if pattern.match(path) and method.lower() in document["paths"][t]
+            )
+            ok = document["paths"][template][method.lower()]["responses"]["200"]
+            schema = ok["content"]["application/json"]["schema"]
+            jsonschema.validate(
+                response.json(),
+                {**schema, "components": document["components"]},
+                cls=jsonschema.Draft202012Validator,
+            )
 
 
 def test_locallab_errors_use_the_native_error_body() -> None:

@@ -16,7 +16,9 @@ from starlette.types import Message, Receive, Scope, Send
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from shimmy.api.app import route_table
 from shimmy.api.ratelimit import RateLimitMiddleware, TokenBucketLimiter, is_cancel_frame
+from shimmy.api.routing import RouteAccess
 from shimmy.settings import Settings
 
 ServerFactory = Callable[[Settings], str]
@@ -175,7 +177,9 @@ async def call(
 
 
 def limited(clock: FakeClock, **settings: Any) -> RateLimitMiddleware:
-    return RateLimitMiddleware(ok_app, Settings(**settings), clock=clock)
+    config = Settings(**settings)
+    access = RouteAccess.of(route_table(config))  # what create_app passes: the routes' facts
+    return RateLimitMiddleware(ok_app, config, access=access, clock=clock)
 
 
 async def test_middleware_refuses_with_429_and_headers() -> None:

@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shimmy.api import errors, metrics, openapi
@@ -33,6 +33,7 @@ from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
 from shimmy.api.openai import routes as openai
 from shimmy.api.ratelimit import RateLimitMiddleware
+from shimmy.api.routing import RouteAccess
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.api.ws import routes as ws
 from shimmy.errors import PayloadTooLarge, ShimmyError, unexpected_error
@@ -128,6 +129,22 @@ class RequestCounterMiddleware:
         await self.app(scope, receive, send)
 
 
+def route_table(settings: Settings) -> list[BaseRoute]:
+    """Every route the app serves, in matching order, each declaring its facts
+    (``shimmy.api.routing``): ``/openapi.json`` and the middleware read them from here."""
+    return [
+        *native.routes,
+        *admin.routes,
+        *ws.routes,
+        Mount("/v1", routes=openai.routes),
+        *openapi.routes,
+        *system.routes,
+        *metrics.routes,
+        *locallab.routes,
+        *(web.routes if settings.web_ui else []),
+    ]
+
+
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -145,18 +162,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         finally:
             await app_registry.aclose()
 
+    routes = route_table(settings)
+    # Which requests need no key and which the rate limit lets through: the routes say.
+    access = RouteAccess.of(routes)
     app = Starlette(
-        routes=[
-            *native.routes,
-            *admin.routes,
-            *ws.routes,
-            Mount("/v1", routes=openai.routes),
-            *openapi.routes,
-            *system.routes,
-            *metrics.routes,
-            *locallab.routes,
-            *(web.routes if settings.web_ui else []),
-        ],
+        routes=routes,
         middleware=[
             # Outermost, so responses made by the middleware below are logged and counted too.
             Middleware(AccessLogMiddleware),
@@ -166,8 +176,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             # Order matters: foreign hosts and origins are refused before anything else (and
             # preflights answered without a key); failed key checks still cost a token.
             Middleware(HostOriginMiddleware, settings=settings),
-            Middleware(RateLimitMiddleware, settings=settings),
-            Middleware(ApiKeyMiddleware, settings=settings),
+            Middleware(RateLimitMiddleware, settings=settings, access=access),
+            Middleware(ApiKeyMiddleware, settings=settings, access=access),
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
         ],
         exception_handlers={

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shimmy import __version__
 from shimmy.api.asgi import run_and_report
+from shimmy.api.routing import api_route
 from shimmy.engine.types import Usage
 
 if TYPE_CHECKING:
@@ -272,4 +273,15 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, headers={"Content-Type": content_type})
 
 
-routes: list[BaseRoute] = [Route("/metrics", metrics_endpoint, methods=["GET"])]
+routes: list[BaseRoute] = [
+    api_route(
+        "/metrics",
+        metrics_endpoint,
+        methods=["GET"],
+        summary="Prometheus metrics",
+        texts=["text/plain", "application/openmetrics-text"],
+        response_description="The text exposition format, or OpenMetrics when the Accept header "
+        "asks for application/openmetrics-text",
+        tags=["server"],
+    )
+]

@@ -30,14 +30,12 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shimmy.api.routing import RouteAccess
 from shimmy.api.security import keys_configured, presented_credentials, reject
 from shimmy.errors import RateLimited
 from shimmy.settings import Settings
-from shimmy.web.routes import is_page_request
 
 DEFAULT_MAX_CLIENTS = 10_000
-# Health checks: monitors poll them, and they cost nothing.
-EXEMPT_PATHS = frozenset({"/api/health", "/health"})
 # A cancel frame is tiny; anything longer is not worth parsing to find out.
 _MAX_CANCEL_FRAME_CHARS = 64
 
@@ -132,17 +130,21 @@ def is_cancel_frame(message: Message) -> bool:
 
 
 class RateLimitMiddleware:
-    """Token-bucket limits for HTTP requests, WebSocket handshakes and WebSocket requests."""
+    """Token-bucket limits for HTTP requests, WebSocket handshakes and WebSocket requests, but
+    those ``access`` lets through (by default none: ``create_app`` passes its route table's,
+    where the health checks and the chat page's files are not rate limited)."""
 
     def __init__(
         self,
         app: ASGIApp,
         settings: Settings,
         *,
+        access: RouteAccess | None = None,
         clock: Clock = time.monotonic,
         max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
         self.app = app
+        self.access = access if access is not None else RouteAccess()
         self.limiter = (
             None
             if settings.rate_limit is None
@@ -167,8 +169,7 @@ class RateLimitMiddleware:
         if (
             limiter is None
             or scope["type"] not in ("http", "websocket")
-            or scope["path"] in EXEMPT_PATHS
-            or is_page_request(scope)
+            or not self.access.is_rate_limited(scope)
         ):
             await self.app(scope, receive, send)
             return

@@ -9,7 +9,9 @@ handshake alike (``BaseHTTPMiddleware`` would see neither streams nor WebSockets
   is not on the allowlist, even simple ones that CORS alone would let through (the browser only
   hides the *answer* of those, after the server has acted). Allowed origins get CORS headers.
 - ``ApiKeyMiddleware`` requires ``Authorization: Bearer <key>`` (or ``X-Api-Key``) on everything
-  but the health check and the API description, when keys are configured.
+  but the routes declared ``public`` (``shimmy.api.routing``), when keys are configured: the
+  health checks (monitors have no secrets), the API description (it reveals nothing the open
+  source server does not) and the chat page's files (the page must load to ask for the key).
 
 Rejections are rendered by ``shimmy.api.errors`` in the dialect of the path; a refused
 WebSocket handshake gets a real HTTP response where the server supports the ASGI denial
@@ -33,16 +35,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shimmy.api.errors import error_response
+from shimmy.api.routing import RouteAccess
 from shimmy.errors import Forbidden, InvalidRequest, ShimmyError, Unauthorized
 from shimmy.settings import Settings
-from shimmy.web.routes import PAGE_PATHS
 
 POLICY_VIOLATION = 1008
-
-# Paths anyone may read without a key: health checks (native and LocalLab's) must work for
-# monitors without secrets, the API description reveals nothing the open source server does
-# not, and the chat page (static files only, exact paths) must load to ask for the key.
-PUBLIC_PATHS = frozenset({"/api/health", "/health", "/openapi.json"}) | PAGE_PATHS
 
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Shimmy-Wait"
@@ -377,17 +374,21 @@ class HostOriginMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Require an API key on every endpoint but ``PUBLIC_PATHS``, when keys are configured."""
+    """Require an API key, when keys are configured, on every request but those ``access``
+    says are public (by default none: ``create_app`` passes its route table's)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, *, access: RouteAccess | None = None
+    ) -> None:
         self.app = app
         self.keys = KeyChecker.for_keys(load_api_keys(settings))
+        self.access = access if access is not None else RouteAccess()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             not self.keys.enabled
             or scope["type"] not in ("http", "websocket")
-            or self._is_public(scope)
+            or self.access.is_public(scope)
         ):
             await self.app(scope, receive, send)
             return
@@ -401,11 +402,3 @@ class ApiKeyMiddleware:
             else Unauthorized("Send the API key as 'Authorization: Bearer <key>'")
         )
         await reject(err, scope, receive, send, {"WWW-Authenticate": 'Bearer realm="shimmy"'})
-
-    @staticmethod
-    def _is_public(scope: Scope) -> bool:
-        return (
-            scope["type"] == "http"
-            and scope["method"] in ("GET", "HEAD")
-            and scope["path"] in PUBLIC_PATHS
-        )

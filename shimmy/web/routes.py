@@ -21,8 +21,10 @@ from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 from starlette.types import Scope
+
+from shimmy.api.routing import api_route
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -108,4 +110,33 @@ async def serve(request: Request) -> Response:
     return Response(static.body, media_type=static.media_type, headers=headers)
 
 
-routes: list[BaseRoute] = [Route(path, serve, methods=["GET"]) for path in FILES]
+routes: list[BaseRoute] = [
+    api_route(
+        "/",
+        serve,
+        methods=["GET"],
+        summary="The chat page",
+        description="Its scripts, styles and icon are served under /ui/ (not listed).",
+        texts=["text/html"],
+        response_description="The page",
+        responses={304: "The held copy is current (If-None-Match)"},
+        headers={"If-None-Match": "The ETag of a copy already held"},
+        public=True,
+        rate_limited=False,
+        tags=["page"],
+    ),
+    # The page's own files: not an interface anyone calls, so not in /openapi.json.
+    *(
+        api_route(
+            path,
+            serve,
+            methods=["GET"],
+            summary=f"The chat page's {name}",
+            public=True,
+            rate_limited=False,
+            include_in_schema=False,
+        )
+        for path, (name, _) in FILES.items()
+        if path != "/"
+    ),
+]

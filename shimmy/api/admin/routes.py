@@ -10,12 +10,24 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from shimmy.api.admin.protocol import (
+    DeleteResult,
+    LoadedModels,
+    LoadRequest,
+    LoadResult,
+    PullEvent,
+    PullRequest,
+    UnloadResult,
+)
 from shimmy.api.keepalive import parse_keep_alive, wants_to_wait
+from shimmy.api.native.protocol import ModelList
 from shimmy.api.protocol.common import parse_json
+from shimmy.api.routing import BAD_REQUEST, GENERATION_ERRORS, NDJSON, api_route
 from shimmy.errors import InvalidRequest, ModelNotFound
-from shimmy.models.pull import PullError, PullEvent, PullSuccess, parse_source, pull_model
+from shimmy.models.pull import PullError, PullSuccess, parse_source, pull_model
+from shimmy.models.pull import PullEvent as PullProgressEvent
 from shimmy.models.remove import remove_model_files
 from shimmy.models.safepath import validate_model_id
 from shimmy.registry import ModelRegistry
@@ -147,7 +159,7 @@ async def pull(request: Request) -> Response:
 
     async def ndjson() -> AsyncGenerator[bytes, None]:
         try:
-            event: PullEvent = first
+            event: PullProgressEvent = first
             yield (json.dumps(event.as_dict()) + "\n").encode()
             async for event in events:
                 if isinstance(event, PullSuccess):
@@ -160,11 +172,79 @@ async def pull(request: Request) -> Response:
     return StreamingResponse(ndjson(), media_type="application/x-ndjson")
 
 
+TAGS = ["models"]
+
 routes: list[BaseRoute] = [
-    Route("/api/models/loaded", loaded_models, methods=["GET"]),
-    Route("/api/models/discover", rediscover, methods=["POST"]),
-    Route("/api/models/{id:path}/load", load_model, methods=["POST"]),
-    Route("/api/models/{id:path}/unload", unload_model, methods=["POST"]),
-    Route("/api/models/{id:path}", delete_model, methods=["DELETE"]),
-    Route("/api/pull", pull, methods=["POST"]),
+    api_route(
+        "/api/models/loaded",
+        loaded_models,
+        methods=["GET"],
+        summary="Models in memory",
+        response=LoadedModels,
+        response_description="Loaded models",
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/models/discover",
+        rediscover,
+        methods=["POST"],
+        summary="Search the model folders again",
+        response=ModelList,
+        response_description="The models",
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/models/{id:path}/load",
+        load_model,
+        methods=["POST"],
+        summary="Load a model into memory",
+        body=LoadRequest,
+        body_required=False,
+        response=LoadResult,
+        response_description="The model is loaded",
+        errors={**GENERATION_ERRORS, 507: "Not enough memory"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/models/{id:path}/unload",
+        unload_model,
+        methods=["POST"],
+        summary="Unload a model",
+        response=UnloadResult,
+        response_description="Done (unloaded is false when it was not loaded)",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/models/{id:path}",
+        delete_model,
+        methods=["DELETE"],
+        summary="Delete a model's files from shimmy's own models folder",
+        response=DeleteResult,
+        response_description="The files removed",
+        errors={**BAD_REQUEST, 403: "Not shimmy's own file", 404: "No such model"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/pull",
+        pull,
+        methods=["POST"],
+        summary="Download a model",
+        description="Streamed (the default): one JSON progress event per line, the last one "
+        "`success` or `error`.",
+        body=PullRequest,
+        response=PullEvent,
+        streams=[NDJSON],
+        response_description="Progress events (NDJSON), or the last event when stream is false",
+        errors={
+            **BAD_REQUEST,
+            403: "The source is refused (code `forbidden`)",
+            404: "No such file at the source (code `not_found`)",
+            409: "A different file of that name exists (code `already_exists`)",
+            422: "The download is not a usable model (code `model_unusable`)",
+            502: "The download failed (codes `download_failed`, `download_corrupt`, `offline`)",
+            507: "Not enough disk space (code `insufficient_storage`)",
+        },
+        tags=TAGS,
+    ),
 ]

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from shimmy.api.admin.protocol import SystemInfo
+from shimmy.api.routing import api_route
 from shimmy.diag import collect_diagnostics
 
 if TYPE_CHECKING:
@@ -124,4 +126,14 @@ async def system_info(request: Request) -> Response:
     return JSONResponse(facts)
 
 
-routes: list[BaseRoute] = [Route("/api/system", system_info, methods=["GET"])]
+routes: list[BaseRoute] = [
+    api_route(
+        "/api/system",
+        system_info,
+        methods=["GET"],
+        summary="Machine, build, GPU and model facts",
+        response=SystemInfo,
+        response_description="System facts",
+        tags=["server"],
+    )
+]

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, StrictBool, StrictStr
 
+from shimmy.api.admin.protocol import ComputeDevice
 from shimmy.api.native.protocol import MAX_BATCH_PROMPTS
 from shimmy.api.protocol.common import (
     ChatMessage,
@@ -21,6 +22,8 @@ from shimmy.api.protocol.common import (
     TopP,
     WireModel,
 )
+from shimmy.api.protocol.responses import ResponseModel, Usage
+from shimmy.engine.types import FinishReason
 from shimmy.serving.chat import Message
 from shimmy.serving.prepare import GenerationInput
 
@@ -74,3 +77,88 @@ class BatchBody(LocalLabOptions):
 
 class LoadBody(WireModel):
     model_id: NonEmptyStr
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class LocalLabGenerateResponse(ResponseModel):
+    response: str
+    text: str = Field(description="The same as 'response'")
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class LocalLabAssistantMessage(ResponseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class LocalLabChatChoice(ResponseModel):
+    message: LocalLabAssistantMessage
+    index: int
+    finish_reason: FinishReason
+
+
+class LocalLabChatResponse(ResponseModel):
+    model: str
+    choices: list[LocalLabChatChoice]
+    usage: Usage
+
+
+class LocalLabBatchResponse(ResponseModel):
+    responses: list[str] = Field(description="One text per prompt, in order")
+    model: str
+    usage: Usage
+
+
+class LocalLabModel(ResponseModel):
+    id: str
+    name: str
+    can_load: bool
+    description: str | None
+    is_loaded: bool
+
+
+class LocalLabModelList(ResponseModel):
+    models: list[LocalLabModel]
+    current_model: str | None
+
+
+class LocalLabCurrentModel(ResponseModel):
+    id: str
+    name: str
+    description: str | None
+    is_loaded: bool
+    loading_progress: float = Field(ge=0, le=1)
+
+
+class LocalLabLoadResult(ResponseModel):
+    status: Literal["success"]
+    message: str
+    model_id: str
+    load_seconds: float
+
+
+class LocalLabUnloadResult(ResponseModel):
+    status: Literal["Model unloaded successfully"] = Field(
+        description="The same whether or not a model was loaded: LocalLab's client reads it as "
+        "success"
+    )
+    message: str
+    model_id: str | None
+    unloaded: bool
+
+
+class LocalLabSystemInfo(ResponseModel):
+    cpu_usage: float = Field(description="Percent")
+    memory_usage: float = Field(description="Percent of the machine's")
+    gpu_info: Annotated[list[ComputeDevice], Field(min_length=1)] | None
+    active_model: str | None
+    uptime: float
+    request_count: int
+
+
+class LocalLabHealth(ResponseModel):
+    status: Literal["healthy"]

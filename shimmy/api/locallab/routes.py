@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from shimmy.api.access_log import annotate
 from shimmy.api.admin.system import backend_devices
@@ -44,10 +44,20 @@ from shimmy.api.locallab.protocol import (
     ChatBody,
     GenerateBody,
     LoadBody,
+    LocalLabBatchResponse,
+    LocalLabChatResponse,
+    LocalLabCurrentModel,
+    LocalLabGenerateResponse,
+    LocalLabHealth,
+    LocalLabLoadResult,
+    LocalLabModelList,
     LocalLabOptions,
+    LocalLabSystemInfo,
+    LocalLabUnloadResult,
 )
 from shimmy.api.native.routes import check_batch_capacity, raise_first_failure
 from shimmy.api.protocol.common import parse_body
+from shimmy.api.routing import GENERATION_ERRORS, SSE, api_route
 from shimmy.api.sse import DONE, EventStreamResponse
 from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import NotFound, ShimmyError
@@ -331,14 +341,106 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "healthy"})
 
 
+TAGS = ["locallab"]
+
+# Errors are answered in the native format.
 routes: list[BaseRoute] = [
-    Route("/generate", generate, methods=["POST"]),
-    Route("/chat", chat, methods=["POST"]),
-    Route("/generate/batch", generate_batch, methods=["POST"]),
-    Route("/models/available", models_available, methods=["GET"]),
-    Route("/models/current", models_current, methods=["GET"]),
-    Route("/models/load", models_load, methods=["POST"]),
-    Route("/models/unload", models_unload, methods=["POST"]),
-    Route("/system/info", system_info, methods=["GET"]),
-    Route("/health", health, methods=["GET"]),
+    api_route(
+        "/generate",
+        generate,
+        methods=["POST"],
+        summary="Generate text from a prompt (LocalLab)",
+        description="Streamed: the text itself (`data: <text>`, line breaks written as `\\n`, "
+        "a failure as `data: Error: <message>`), then `data: [DONE]`.",
+        body=GenerateBody,
+        response=LocalLabGenerateResponse,
+        streams=[SSE],
+        response_description="The text, or its stream of events",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/chat",
+        chat,
+        methods=["POST"],
+        summary="Chat completion (LocalLab)",
+        description='Streamed: `{"role": "assistant", "content": ...}` chunks, each both as a '
+        '`data:` line and as a bare JSON line, ending with `data: [DONE]` and a `"[DONE]"` line.',
+        body=ChatBody,
+        response=LocalLabChatResponse,
+        streams=[SSE],
+        response_description="The answer, or its stream of chunks",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/generate/batch",
+        generate_batch,
+        methods=["POST"],
+        summary="Generate for several prompts at once (LocalLab)",
+        body=BatchBody,
+        response=LocalLabBatchResponse,
+        response_description="One text per prompt, in order",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/models/available",
+        models_available,
+        methods=["GET"],
+        summary="List the models found (LocalLab)",
+        response=LocalLabModelList,
+        response_description="The models",
+        tags=TAGS,
+    ),
+    api_route(
+        "/models/current",
+        models_current,
+        methods=["GET"],
+        summary="The current model (LocalLab)",
+        response=LocalLabCurrentModel,
+        response_description="The model",
+        errors={404: "No model is current (code `not_found`)"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/models/load",
+        models_load,
+        methods=["POST"],
+        summary="Load a model and make it the current one (LocalLab)",
+        body=LoadBody,
+        response=LocalLabLoadResult,
+        response_description="The model is loaded",
+        errors={**GENERATION_ERRORS, 507: "Not enough memory"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/models/unload",
+        models_unload,
+        methods=["POST"],
+        summary="Unload the current model (LocalLab)",
+        response=LocalLabUnloadResult,
+        response_description="Done (unloaded is false when no model was loaded)",
+        tags=TAGS,
+    ),
+    api_route(
+        "/system/info",
+        system_info,
+        methods=["GET"],
+        summary="Machine load and the current model (LocalLab)",
+        response=LocalLabSystemInfo,
+        response_description="System facts",
+        tags=TAGS,
+    ),
+    api_route(
+        "/health",
+        health,
+        methods=["GET"],
+        summary="Health (LocalLab)",
+        response=LocalLabHealth,
+        response_description="The server is up",
+        public=True,
+        rate_limited=False,
+        tags=TAGS,
+    ),
 ]

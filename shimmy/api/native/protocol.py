@@ -3,9 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import copy
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, StrictBool, StrictStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    StrictBool,
+    StrictStr,
+    create_model,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from shimmy.api.keepalive import parse_keep_alive
 from shimmy.api.protocol.common import (
@@ -21,6 +31,8 @@ from shimmy.api.protocol.common import (
     WireModel,
     validate_body,
 )
+from shimmy.api.protocol.responses import ResponseModel, Usage
+from shimmy.engine.types import FinishReason
 from shimmy.errors import InvalidRequest
 from shimmy.serving.chat import Message
 from shimmy.serving.defaults import DEFAULTS, Dialect
@@ -97,3 +109,100 @@ def parse_batch_request(data: Any) -> tuple[list[str], GenerateRequest]:
         raise InvalidRequest("batch generation does not stream", param="stream")
     prompts = validate_body(BatchPrompts, data).prompts
     return prompts, parse_generate_request({**data, "prompt": prompts[0]})
+
+
+# --- /api/generate/batch as documented ----------------------------------------------------------
+
+# The prompts, and GenerateRequest's fields shared by all of them: derived from the models
+# parse_batch_request validates with, so it cannot drift from them.
+_BATCH_FIELDS: dict[str, Any] = {
+    name: (field.annotation, copy.deepcopy(field))
+    for name, field in [
+        ("prompts", BatchPrompts.model_fields["prompts"]),
+        *GenerateRequest.model_fields.items(),
+    ]
+    if name not in ("prompt", "messages", "stream")
+}
+BatchRequest: type[WireModel] = create_model(
+    "BatchRequest",
+    __base__=WireModel,
+    __doc__="The prompts, and the fields of GenerateRequest shared by all of them ('prompt' and "
+    "'messages' are refused, and so is 'stream': true)",
+    **_BATCH_FIELDS,
+)
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class GenerateChoice(ResponseModel):
+    text: str
+    index: int
+    finish_reason: FinishReason
+
+
+class GenerateResponse(ResponseModel):
+    """``POST /api/generate`` without ``stream``."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[GenerateChoice]
+    usage: Usage
+
+
+class BatchItem(ResponseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class BatchResponse(ResponseModel):
+    """``POST /api/generate/batch``: one answer per prompt, in order."""
+
+    id: str
+    model: str
+    created: int
+    responses: list[BatchItem]
+    usage: Usage
+
+
+class ModelInfo(ResponseModel):
+    """A model found by discovery (``ModelEntry.to_api``)."""
+
+    id: str
+    name: str
+    description: str | None
+    path: str
+    size_bytes: int
+    architecture: str | None
+    quantization: str | None
+    parameter_count: int | None
+    context_length: int | None
+    has_chat_template: bool
+    loaded: bool
+    source: str
+    usable: bool
+    error: str | SkipJsonSchema[None] = Field(None, description="Why the file cannot be served")
+
+
+class ModelList(ResponseModel):
+    models: list[ModelInfo]
+    default: str | None
+
+
+class SlotSummary(ResponseModel):
+    busy: int
+    total: int
+    queued: int
+
+
+class Health(ResponseModel):
+    status: Literal["healthy"]
+    models_loaded: int
+    memory_usage: str
+    version: str
+    uptime_seconds: float
+    requests_total: int
+    slots: SlotSummary = Field(description="Generation slots over every loaded model")

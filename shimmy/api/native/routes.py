@@ -11,15 +11,25 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from shimmy import __version__
 from shimmy.api.access_log import annotate
 from shimmy.api.context import client_gone, registry_of, settings_of
 from shimmy.api.errors import native_error_body
 from shimmy.api.keepalive import wants_to_wait
-from shimmy.api.native.protocol import parse_batch_request, parse_generate_request
+from shimmy.api.native.protocol import (
+    BatchRequest,
+    BatchResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    ModelList,
+    parse_batch_request,
+    parse_generate_request,
+)
 from shimmy.api.protocol.common import parse_json
+from shimmy.api.routing import GENERATION_ERRORS, SSE, api_route
 from shimmy.api.sse import DONE, EventStreamResponse, sse_event
 from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import InvalidRequest, ShimmyError
@@ -171,9 +181,53 @@ async def health(request: Request) -> Response:
     )
 
 
+TAGS = ["native"]
+
 routes: list[BaseRoute] = [
-    Route("/api/generate", generate, methods=["POST"]),
-    Route("/api/generate/batch", generate_batch, methods=["POST"]),
-    Route("/api/models", list_models, methods=["GET"]),
-    Route("/api/health", health, methods=["GET"]),
+    api_route(
+        "/api/generate",
+        generate,
+        methods=["POST"],
+        summary="Generate text from a prompt or messages",
+        description='Streamed (`"stream": true`): `data: {"choices": [{"text", "index", '
+        '"finish_reason"}]}` events; the last one has the finish reason and `usage`.',
+        body=GenerateRequest,
+        response=GenerateResponse,
+        streams=[SSE],
+        response_description="The generation, or its stream of events",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/generate/batch",
+        generate_batch,
+        methods=["POST"],
+        summary="Generate for several prompts at once",
+        body=BatchRequest,
+        response=BatchResponse,
+        response_description="One answer per prompt, in order",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/models",
+        list_models,
+        methods=["GET"],
+        summary="List the models found",
+        response=ModelList,
+        response_description="The models",
+        tags=TAGS,
+    ),
+    api_route(
+        "/api/health",
+        health,
+        methods=["GET"],
+        summary="Health and resource usage",
+        response=Health,
+        response_description="The server is up",
+        # Monitors poll it without secrets, and it costs nothing.
+        public=True,
+        rate_limited=False,
+        tags=TAGS,
+    ),
 ]

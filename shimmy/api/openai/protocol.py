@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictStr
+from pydantic.json_schema import SkipJsonSchema
 
 from shimmy.api.protocol.common import (
     ChatMessage,
@@ -22,6 +23,7 @@ from shimmy.api.protocol.common import (
     TopP,
     WireModel,
 )
+from shimmy.api.protocol.responses import ResponseModel
 from shimmy.errors import InvalidRequest
 from shimmy.serving.chat import Message, ToolCallInput
 from shimmy.serving.chat import ResponseFormat as ResponseFormatInput
@@ -272,3 +274,124 @@ class EmbeddingRequest(_Lenient):
                 f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input"
             )
         return list(self.input)
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV was reused")
+
+
+class CompletionUsage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class _Envelope(ResponseModel):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+
+class AssistantFunctionCall(ResponseModel):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class AssistantToolCall(ResponseModel):
+    id: str
+    type: Literal["function"]
+    function: AssistantFunctionCall
+
+
+class AssistantMessage(ResponseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None
+    tool_calls: list[AssistantToolCall] | SkipJsonSchema[None] = None
+
+
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(ResponseModel):
+    content: list[ChatTokenLogprob]
+    refusal: str | None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+
+
+class ChatCompletion(_Envelope):
+    """``POST /v1/chat/completions`` without ``stream``."""
+
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class CompletionLogprobs(ResponseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(ResponseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(_Envelope):
+    """``POST /v1/completions`` without ``stream``."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class Embedding(ResponseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="The vector, or its float32 bytes in base64")
+
+
+class EmbeddingUsage(ResponseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(ResponseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class OpenAIModel(ResponseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(ResponseModel):
+    object: Literal["list"]
+    data: list[OpenAIModel]

@@ -21,15 +21,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from shimmy import __version__
 from shimmy.api.access_log import annotate
 from shimmy.api.context import client_gone, registry_of, settings_of
 from shimmy.api.errors import openai_error_body
 from shimmy.api.keepalive import wants_to_wait
-from shimmy.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from shimmy.api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    OpenAIModel,
+    OpenAIModelList,
+    TextCompletion,
+)
 from shimmy.api.protocol.common import parse_body
+from shimmy.api.routing import GENERATION_ERRORS, SSE, api_route
 from shimmy.api.sse import DONE, EventStreamResponse, sse_event
 from shimmy.engine.types import Finished, TextDelta, TokenLogprob, Usage
 from shimmy.errors import InvalidRequest, ShimmyError
@@ -338,10 +348,63 @@ async def retrieve_model(request: Request) -> Response:
     return JSONResponse(_model_object(entry))
 
 
+TAGS = ["openai"]
+
+# Mounted at /v1: errors are OpenAI's error body there (shimmy.api.errors).
 routes: list[BaseRoute] = [
-    Route("/chat/completions", chat_completions, methods=["POST"]),
-    Route("/completions", completions, methods=["POST"]),
-    Route("/embeddings", embeddings, methods=["POST"]),
-    Route("/models", list_models, methods=["GET"]),
-    Route("/models/{model_id:path}", retrieve_model, methods=["GET"]),
+    api_route(
+        "/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        summary="Chat completion (OpenAI)",
+        description="Streamed: `chat.completion.chunk` events, as OpenAI sends them.",
+        body=ChatCompletionRequest,
+        response=ChatCompletion,
+        streams=[SSE],
+        response_description="The completion, or its chunks",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/completions",
+        completions,
+        methods=["POST"],
+        summary="Text completion (OpenAI, legacy)",
+        body=CompletionRequest,
+        response=TextCompletion,
+        streams=[SSE],
+        response_description="The completion, or its chunks",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/embeddings",
+        embeddings,
+        methods=["POST"],
+        summary="Embeddings (OpenAI)",
+        body=EmbeddingRequest,
+        response=EmbeddingList,
+        response_description="One vector per input",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/models",
+        list_models,
+        methods=["GET"],
+        summary="List usable models (OpenAI)",
+        response=OpenAIModelList,
+        response_description="The models",
+        tags=TAGS,
+    ),
+    api_route(
+        "/models/{model_id:path}",
+        retrieve_model,
+        methods=["GET"],
+        summary="One model (OpenAI)",
+        response=OpenAIModel,
+        response_description="The model",
+        errors={404: "No such model", 422: "The model file cannot be loaded"},
+        tags=TAGS,
+    ),
 ]

@@ -24,12 +24,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.routing import BaseRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shimmy.api.errors import ws_error_frame
 from shimmy.api.native.protocol import GenerateRequest, parse_generate_request
 from shimmy.api.protocol.common import parse_json
+from shimmy.api.routing import websocket_route
 from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import InvalidRequest, PayloadTooLarge, ShimmyError, unexpected_error
 from shimmy.serving.defaults import Dialect
@@ -210,4 +211,15 @@ async def ws_generate(websocket: WebSocket) -> None:
         await websocket.close()
 
 
-routes: list[BaseRoute] = [WebSocketRoute("/ws/generate", ws_generate)]
+routes: list[BaseRoute] = [
+    websocket_route(
+        "/ws/generate",
+        ws_generate,
+        summary="Many generations over one connection",
+        description="Takes `/api/generate` requests as JSON text frames and answers "
+        '`{"token": ...}` frames, then `{"done": true, "finish_reason", "usage"}` or '
+        '`{"error": {"code", "message"}}`; `{"cancel": true}` stops the running generation. '
+        "Requests are answered in order; with a rate limit, each takes a token.",
+        tags=["native"],
+    )
+]

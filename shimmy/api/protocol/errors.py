@@ -1,0 +1,31 @@
+"""The error bodies, as ``shimmy.api.errors`` renders them: native (also LocalLab's) and
+OpenAI's (every path under ``/v1``)."""
+
+from __future__ import annotations
+
+from shimmy.api.protocol.responses import ResponseModel
+
+
+class NativeErrorDetail(ResponseModel):
+    code: str
+    message: str
+    details: str | None
+
+
+class NativeError(ResponseModel):
+    """``{"error": {"code", "message", "details"}}``."""
+
+    error: NativeErrorDetail
+
+
+class OpenAIErrorDetail(ResponseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(ResponseModel):
+    """``{"error": {"message", "type", "param", "code"}}``, as OpenAI answers."""
+
+    error: OpenAIErrorDetail
