@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
+from websockets.sync.client import ClientConnection
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,6 +40,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path(tiny_model_dir: Path) -> Path:
     return tiny_model_dir / "tiny.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_bytes(tiny_model_path: Path) -> bytes:
+    """The tiny model's file, for tests that serve it (a mirror) or place copies of it."""
+    return tiny_model_path.read_bytes()
+
+
+@pytest.fixture
+def client(tiny_server: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the tiny model's server."""
+    with httpx.Client(base_url=tiny_server, timeout=60) as session:
+        yield session
+
+
+def ws_url(http_url: str) -> str:
+    return http_url.replace("http://", "ws://", 1) + "/ws/generate"
+
+
+def ws_receive(ws: ClientConnection) -> dict[str, Any]:
+    """The next frame, which must be a JSON text frame."""
+    frame = ws.recv(timeout=60)
+    assert isinstance(frame, str)
+    data: dict[str, Any] = json.loads(frame)
+    return data
 
 
 def isolated_settings(model_dir: Path, tmp: Path, **overrides: Any) -> Settings:

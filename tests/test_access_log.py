@@ -31,12 +31,6 @@ def access_records(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.Lo
     logger.removeHandler(handler)
 
 
-@pytest.fixture
-def client(tiny_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=tiny_server, timeout=60) as session:
-        yield session
-
-
 def only(records: list[logging.LogRecord], path: str) -> logging.LogRecord:
     matching = [record for record in records if getattr(record, "path", None) == path]
     assert len(matching) == 1, [record.getMessage() for record in records]

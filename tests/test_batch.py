@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from shimmy.settings import Settings
 
 PROMPTS = ["a", "the cat", "in the beginning there was", "x y z"]
-
-
-@pytest.fixture
-def client(tiny_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=tiny_server, timeout=60) as session:
-        yield session
 
 
 def batch(client: httpx.Client, **body: Any) -> httpx.Response:

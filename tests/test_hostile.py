@@ -26,7 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LONG_CONTEXT, isolated_settings, run_server
+from conftest import LONG_CONTEXT, isolated_settings, run_server, ws_url
+from conftest import ws_receive as ws_frame
 from tiny_gguf import write_tiny_gguf
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -358,17 +359,6 @@ def test_broken_models_are_listed_as_unusable(client: httpx.Client) -> None:
 
 
 # --- WebSocket ----------------------------------------------------------------------------------
-
-
-def ws_url(http_url: str) -> str:
-    return http_url.replace("http://", "ws://", 1) + "/ws/generate"
-
-
-def ws_frame(ws: ClientConnection) -> dict[str, Any]:
-    frame = ws.recv(timeout=60)
-    assert isinstance(frame, str)
-    data: dict[str, Any] = json.loads(frame)
-    return data
 
 
 def ws_final(ws: ClientConnection) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,6 @@ from shimmy.api.metrics import Metrics
 from shimmy.engine.types import Usage
 from shimmy.registry import ModelRegistry
 from shimmy.settings import Settings
-
-
-@pytest.fixture
-def client(tiny_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=tiny_server, timeout=60) as session:
-        yield session
 
 
 def scrape(client: httpx.Client) -> dict[str, list[Sample]]:

@@ -158,12 +158,6 @@ def hub(mirror: MirrorServer, monkeypatch: pytest.MonkeyPatch) -> MirrorServer:
     return mirror
 
 
-@pytest.fixture(scope="module")
-def model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    path = tmp_path_factory.mktemp("served") / "tiny.gguf"
-    return write_tiny_gguf(path).read_bytes()
-
-
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(
@@ -201,9 +195,9 @@ def sha256(data: bytes) -> str:
 
 
 async def test_http_pull_streams_progress_and_lands_the_exact_file(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/Tiny_Q8.gguf"] = model_bytes
+    mirror.state.files["/files/Tiny_Q8.gguf"] = tiny_model_bytes
     events = await collect(pull_model(f"{mirror.url}/files/Tiny_Q8.gguf", settings))
 
     kinds = statuses(events)
@@ -211,33 +205,33 @@ async def test_http_pull_streams_progress_and_lands_the_exact_file(
     assert set(kinds[:-2]) == {"downloading"}
     downloading = events[:-2]
     assert downloading[0]["completed"] == 0
-    assert downloading[-1]["completed"] == downloading[-1]["total"] == len(model_bytes)
+    assert downloading[-1]["completed"] == downloading[-1]["total"] == len(tiny_model_bytes)
     completed = [event["completed"] for event in downloading]
     assert completed == sorted(completed)
-    assert all(event["total"] == len(model_bytes) for event in downloading)
+    assert all(event["total"] == len(tiny_model_bytes) for event in downloading)
 
     target = settings.models_dir / "Tiny_Q8.gguf"
     assert events[-1] == {"status": "success", "id": "tiny-q8", "path": str(target.resolve())}
-    assert target.read_bytes() == model_bytes
+    assert target.read_bytes() == tiny_model_bytes
     assert folder_listing(settings.models_dir) == ["Tiny_Q8.gguf", "Tiny_Q8.gguf.verified"]
     assert [request.range for request in mirror.state.gets()] == [None]
     assert [entry.id for entry in discover_models(settings)] == ["tiny-q8"]
 
 
 async def test_a_published_sha256_fragment_is_checked(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
-    url = f"{mirror.url}/files/tiny.gguf#sha256={sha256(model_bytes).upper()}"
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
+    url = f"{mirror.url}/files/tiny.gguf#sha256={sha256(tiny_model_bytes).upper()}"
     events = await collect(pull_model(url, settings))
     assert events[-1]["status"] == "success"
     assert [request.path for request in mirror.state.gets()] == ["/files/tiny.gguf"]
 
 
 async def test_a_sha256_mismatch_leaves_nothing_behind(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     url = f"{mirror.url}/files/tiny.gguf#sha256={sha256(b'something else')}"
     events = await collect(pull_model(url, settings))
     assert events[-1]["status"] == "error"
@@ -275,9 +269,9 @@ async def test_a_missing_file_is_not_found(mirror: MirrorServer, settings: Setti
 
 
 async def test_a_dropped_connection_is_resumed_with_a_range_request(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     mirror.state.broken_gets = 1
     events = await collect(pull_model(f"{mirror.url}/files/tiny.gguf", settings))
     assert events[-1]["status"] == "success"
@@ -286,13 +280,13 @@ async def test_a_dropped_connection_is_resumed_with_a_range_request(
         (None, 200),
         (f"bytes={BREAK_AFTER}-", 206),
     ]
-    assert (settings.models_dir / "tiny.gguf").read_bytes() == model_bytes
+    assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
 
 
 async def test_an_interrupted_pull_is_continued_by_the_next_pull(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     mirror.state.broken_gets = 1
     source = f"{mirror.url}/files/tiny.gguf"
 
@@ -301,7 +295,7 @@ async def test_an_interrupted_pull_is_continued_by_the_next_pull(
     assert first[-1]["error"]["code"] == "download_failed"
     assert "pull again" in first[-1]["error"]["message"]
     partial = settings.models_dir / "tiny.gguf.partial"
-    assert partial.read_bytes() == model_bytes[:BREAK_AFTER]
+    assert partial.read_bytes() == tiny_model_bytes[:BREAK_AFTER]
     assert folder_listing(settings.models_dir) == ["tiny.gguf.partial"]  # lock released
     assert discover_models(settings) == []  # half a model is never listed
 
@@ -309,14 +303,14 @@ async def test_an_interrupted_pull_is_continued_by_the_next_pull(
     assert second[-1]["status"] == "success"
     assert second[0]["completed"] == BREAK_AFTER  # progress starts where it left off
     assert mirror.state.gets()[-1].range == f"bytes={BREAK_AFTER}-"
-    assert (settings.models_dir / "tiny.gguf").read_bytes() == model_bytes
+    assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
     assert not partial.exists()
 
 
 async def test_a_server_that_ignores_range_restarts_from_zero(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     mirror.state.honour_range = False
     settings.models_dir.mkdir()
     # Wrong bytes: appending the rest of the file to them would give a corrupt model.
@@ -324,13 +318,13 @@ async def test_a_server_that_ignores_range_restarts_from_zero(
     events = await collect(pull_model(f"{mirror.url}/files/tiny.gguf", settings))
     assert events[-1]["status"] == "success"
     assert [(r.range, r.status) for r in mirror.state.gets()] == [("bytes=5000-", 200)]
-    assert (settings.models_dir / "tiny.gguf").read_bytes() == model_bytes
+    assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
 
 
 async def test_closing_the_stream_early_keeps_the_partial_and_frees_the_lock(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     source = f"{mirror.url}/files/tiny.gguf"
     events = pull_model(source, settings)
     assert isinstance(await anext(events), PullProgress)
@@ -339,23 +333,23 @@ async def test_closing_the_stream_early_keeps_the_partial_and_frees_the_lock(
     assert "tiny.gguf" not in folder_listing(settings.models_dir)
     done = await collect(pull_model(source, settings))
     assert done[-1]["status"] == "success"
-    assert (settings.models_dir / "tiny.gguf").read_bytes() == model_bytes
+    assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
 
 
 # --- Hugging Face ----------------------------------------------------------------------------
 
 
 async def test_hf_pull_uses_hub_metadata_and_the_pinned_commit(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    hub.state.hf_files[(REPO, "sub/tiny-Q8_0.gguf")] = model_bytes
+    hub.state.hf_files[(REPO, "sub/tiny-Q8_0.gguf")] = tiny_model_bytes
     events = await collect(pull_model(f"hf://{REPO}/sub/tiny-Q8_0.gguf", settings))
     assert events[-1] == {
         "status": "success",
         "id": "tiny-q8-0",
         "path": str((settings.models_dir / "tiny-Q8_0.gguf").resolve()),
     }
-    assert (settings.models_dir / "tiny-Q8_0.gguf").read_bytes() == model_bytes
+    assert (settings.models_dir / "tiny-Q8_0.gguf").read_bytes() == tiny_model_bytes
     assert [(request.method, request.path) for request in hub.state.requests] == [
         ("HEAD", f"/{REPO}/resolve/main/sub/tiny-Q8_0.gguf"),
         ("GET", f"/{REPO}/resolve/{COMMIT}/sub/tiny-Q8_0.gguf"),
@@ -363,18 +357,18 @@ async def test_hf_pull_uses_hub_metadata_and_the_pinned_commit(
 
 
 async def test_hf_pull_at_a_revision(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    hub.state.hf_files[(REPO, "tiny.gguf")] = model_bytes
+    hub.state.hf_files[(REPO, "tiny.gguf")] = tiny_model_bytes
     events = await collect(pull_model(f"hf://{REPO}/tiny.gguf@v1.0", settings))
     assert events[-1]["status"] == "success"
     assert hub.state.requests[0].path == f"/{REPO}/resolve/v1.0/tiny.gguf"
 
 
 async def test_hf_etag_mismatch_is_a_corrupt_download(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    hub.state.hf_files[(REPO, "tiny.gguf")] = model_bytes
+    hub.state.hf_files[(REPO, "tiny.gguf")] = tiny_model_bytes
     hub.state.hf_etag = sha256(b"what the hub says it should be")
     events = await collect(pull_model(f"hf://{REPO}/tiny.gguf", settings))
     assert events[-1]["error"]["code"] == "download_corrupt"
@@ -382,10 +376,10 @@ async def test_hf_etag_mismatch_is_a_corrupt_download(
 
 
 async def test_hf_size_mismatch_is_a_corrupt_download(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    hub.state.hf_files[(REPO, "tiny.gguf")] = model_bytes
-    hub.state.hf_size = len(model_bytes) + 10
+    hub.state.hf_files[(REPO, "tiny.gguf")] = tiny_model_bytes
+    hub.state.hf_size = len(tiny_model_bytes) + 10
     events = await collect(pull_model(f"hf://{REPO}/tiny.gguf", settings))
     assert events[-1]["error"]["code"] == "download_corrupt"
     assert folder_listing(settings.models_dir) == []
@@ -398,9 +392,9 @@ async def test_hf_missing_file_is_not_found(hub: MirrorServer, settings: Setting
 
 
 async def test_a_file_bigger_than_the_free_space_is_refused_before_downloading(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    hub.state.hf_files[(REPO, "huge.gguf")] = model_bytes
+    hub.state.hf_files[(REPO, "huge.gguf")] = tiny_model_bytes
     hub.state.hf_size = 1 << 60
     events = await collect(pull_model(f"hf://{REPO}/huge.gguf", settings))
     assert events[-1]["error"]["code"] == "insufficient_storage"
@@ -422,9 +416,9 @@ async def test_offline_mode_is_reported(
 
 
 async def test_pulling_again_is_a_no_op(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     source = f"{mirror.url}/files/tiny.gguf"
     assert (await collect(pull_model(source, settings)))[-1]["status"] == "success"
     again = await collect(pull_model(source, settings))
@@ -433,11 +427,11 @@ async def test_pulling_again_is_a_no_op(
 
 
 async def test_an_identical_file_already_there_matches_the_hub_sha(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    hub.state.hf_files[(REPO, "tiny.gguf")] = model_bytes
+    hub.state.hf_files[(REPO, "tiny.gguf")] = tiny_model_bytes
     settings.models_dir.mkdir()
-    (settings.models_dir / "tiny.gguf").write_bytes(model_bytes)  # copied in by hand
+    (settings.models_dir / "tiny.gguf").write_bytes(tiny_model_bytes)  # copied in by hand
     events = await collect(pull_model(f"hf://{REPO}/tiny.gguf", settings))
     assert statuses(events) == ["verifying", "success"]
     assert hub.state.gets() == []
@@ -445,10 +439,10 @@ async def test_an_identical_file_already_there_matches_the_hub_sha(
 
 @pytest.mark.parametrize("where", ["http", "hf"])
 async def test_a_different_file_of_the_same_name_is_never_overwritten(
-    hub: MirrorServer, settings: Settings, model_bytes: bytes, where: str
+    hub: MirrorServer, settings: Settings, tiny_model_bytes: bytes, where: str
 ) -> None:
-    hub.state.files["/files/tiny.gguf"] = model_bytes
-    hub.state.hf_files[(REPO, "tiny.gguf")] = model_bytes
+    hub.state.files["/files/tiny.gguf"] = tiny_model_bytes
+    hub.state.hf_files[(REPO, "tiny.gguf")] = tiny_model_bytes
     settings.models_dir.mkdir()
     mine = settings.models_dir / "tiny.gguf"
     mine.write_bytes(b"GGUF my own model")
@@ -460,9 +454,9 @@ async def test_a_different_file_of_the_same_name_is_never_overwritten(
 
 
 async def test_a_second_pull_of_the_same_file_waits_for_the_first(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     source = f"{mirror.url}/files/tiny.gguf"
     first = pull_model(source, settings)
     first_events = [(await anext(first)).as_dict()]  # holds the lock from here on
@@ -478,7 +472,7 @@ async def test_a_second_pull_of_the_same_file_waits_for_the_first(
     assert second_events[0]["status"] == "waiting"
     assert second_events[-1] == first_events[-1]
     assert len(mirror.state.gets()) == 1
-    assert (settings.models_dir / "tiny.gguf").read_bytes() == model_bytes
+    assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
 
 
 # --- split models ----------------------------------------------------------------------------
@@ -608,9 +602,9 @@ def test_other_urls_on_the_hub_host_stay_plain_downloads() -> None:
 
 
 async def test_a_pull_yields_typed_events(
-    mirror: MirrorServer, settings: Settings, model_bytes: bytes
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
-    mirror.state.files["/files/tiny.gguf"] = model_bytes
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     events = [event async for event in pull_model(f"{mirror.url}/files/tiny.gguf", settings)]
     *downloading, verifying, success = events
     assert all(isinstance(event, PullProgress) for event in downloading)

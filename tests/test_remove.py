@@ -17,20 +17,14 @@ from shimmy.models.remove import remove_model_files
 from shimmy.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_gguf import write_tiny_gguf
-
-
-@pytest.fixture(scope="module")
-def model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf").read_bytes()
 
 
 @pytest.fixture
-def outside(tmp_path: Path, model_bytes: bytes) -> Path:
+def outside(tmp_path: Path, tiny_model_bytes: bytes) -> Path:
     """The user's own folder (listed in model_paths): never touched."""
     folder = tmp_path / "users-models"
     folder.mkdir()
-    (folder / "mine.gguf").write_bytes(model_bytes)
+    (folder / "mine.gguf").write_bytes(tiny_model_bytes)
     return folder
 
 
@@ -59,13 +53,13 @@ def entry_named(settings: Settings, model_id: str) -> ModelEntry:
 
 
 def test_a_model_in_the_models_folder_is_removed_with_its_side_files(
-    settings: Settings, model_bytes: bytes
+    settings: Settings, tiny_model_bytes: bytes
 ) -> None:
     models = settings.models_dir
-    (models / "pulled.gguf").write_bytes(model_bytes)
+    (models / "pulled.gguf").write_bytes(tiny_model_bytes)
     for side in ("pulled.gguf.verified", "pulled.gguf.partial", "pulled.gguf.lock"):
         (models / side).write_text("stale")
-    (models / "other.gguf").write_bytes(model_bytes)
+    (models / "other.gguf").write_bytes(tiny_model_bytes)
 
     removed = remove_model_files(entry_named(settings, "pulled"), settings)
 
@@ -79,16 +73,18 @@ def test_a_model_in_the_models_folder_is_removed_with_its_side_files(
     assert sorted(entry.id for entry in discover_models(settings)) == ["mine", "other"]
 
 
-def test_removing_twice_is_harmless(settings: Settings, model_bytes: bytes) -> None:
-    (settings.models_dir / "pulled.gguf").write_bytes(model_bytes)
+def test_removing_twice_is_harmless(settings: Settings, tiny_model_bytes: bytes) -> None:
+    (settings.models_dir / "pulled.gguf").write_bytes(tiny_model_bytes)
     entry = entry_named(settings, "pulled")
     assert [path.name for path in remove_model_files(entry, settings)] == ["pulled.gguf"]
     assert remove_model_files(entry, settings) == []
 
 
-def test_every_part_of_a_split_model_is_removed(settings: Settings, model_bytes: bytes) -> None:
+def test_every_part_of_a_split_model_is_removed(
+    settings: Settings, tiny_model_bytes: bytes
+) -> None:
     for index in (1, 2, 3):
-        (settings.models_dir / f"big-{index:05d}-of-00003.gguf").write_bytes(model_bytes)
+        (settings.models_dir / f"big-{index:05d}-of-00003.gguf").write_bytes(tiny_model_bytes)
     entry = entry_named(settings, "big")
     assert len(entry.shards) == 3
     removed = remove_model_files(entry, settings)
@@ -109,12 +105,12 @@ def test_a_model_outside_the_models_folder_is_refused(
 
 
 def test_one_part_outside_refuses_the_whole_removal(
-    settings: Settings, outside: Path, model_bytes: bytes, tmp_path: Path
+    settings: Settings, outside: Path, tiny_model_bytes: bytes, tmp_path: Path
 ) -> None:
     inside = settings.models_dir / "big-00001-of-00002.gguf"
-    inside.write_bytes(model_bytes)
+    inside.write_bytes(tiny_model_bytes)
     stray = outside / "big-00002-of-00002.gguf"
-    stray.write_bytes(model_bytes)
+    stray.write_bytes(tiny_model_bytes)
     entry = ModelEntry(id="big", path=inside, source="models_dir", shards=[inside, stray])
     before = listing(tmp_path)
     with pytest.raises(Forbidden):
@@ -133,10 +129,12 @@ def test_a_link_leading_out_of_the_models_folder_is_refused(
     assert listing(tmp_path) == before
 
 
-def test_a_link_inside_is_removed_with_its_target(settings: Settings, model_bytes: bytes) -> None:
+def test_a_link_inside_is_removed_with_its_target(
+    settings: Settings, tiny_model_bytes: bytes
+) -> None:
     models = settings.models_dir
     (models / ".blobs").mkdir()
-    (models / ".blobs" / "blob").write_bytes(model_bytes)
+    (models / ".blobs" / "blob").write_bytes(tiny_model_bytes)
     (models / "alias.gguf").symlink_to(models / ".blobs" / "blob")
     removed = remove_model_files(entry_named(settings, "alias"), settings)
     assert {path.name for path in removed} == {"alias.gguf", "blob"}
@@ -145,9 +143,9 @@ def test_a_link_inside_is_removed_with_its_target(settings: Settings, model_byte
 
 
 def test_a_link_elsewhere_into_the_models_folder_is_not_ours(
-    settings: Settings, outside: Path, model_bytes: bytes, tmp_path: Path
+    settings: Settings, outside: Path, tiny_model_bytes: bytes, tmp_path: Path
 ) -> None:
-    (settings.models_dir / "real.gguf").write_bytes(model_bytes)
+    (settings.models_dir / "real.gguf").write_bytes(tiny_model_bytes)
     link = outside / "shortcut.gguf"
     link.symlink_to(settings.models_dir / "real.gguf")
     entry = ModelEntry(id="shortcut", path=link, source="model_paths")
@@ -162,10 +160,10 @@ def test_a_link_elsewhere_into_the_models_folder_is_not_ours(
     ["models/../users-models/mine.gguf", "models/../../escape.gguf", "cache/starter.gguf"],
 )
 def test_paths_that_only_look_inside_are_refused(
-    settings: Settings, tmp_path: Path, hostile: str, model_bytes: bytes
+    settings: Settings, tmp_path: Path, hostile: str, tiny_model_bytes: bytes
 ) -> None:
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "starter.gguf").write_bytes(model_bytes)
+    (tmp_path / "cache" / "starter.gguf").write_bytes(tiny_model_bytes)
     entry = ModelEntry(id="x", path=tmp_path / hostile, source="starter")
     before = listing(tmp_path)
     with pytest.raises(Forbidden):
@@ -174,11 +172,11 @@ def test_paths_that_only_look_inside_are_refused(
 
 
 def test_a_relative_models_folder_is_taken_from_the_working_folder(
-    tmp_path: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "rel.gguf").write_bytes(model_bytes)
+    (tmp_path / "models" / "rel.gguf").write_bytes(tiny_model_bytes)
     settings = Settings(models_dir=Path("models"), scan_user_caches=False, starter_model=False)
     entry = ModelEntry(id="rel", path=Path("models/rel.gguf"), source="models_dir")
     assert [path.name for path in remove_model_files(entry, settings)] == ["rel.gguf"]
@@ -195,10 +193,10 @@ def held_lock(settings: Settings) -> Iterator[Path]:
 
 
 def test_the_files_of_a_running_pull_are_left_to_it(
-    settings: Settings, model_bytes: bytes, held_lock: Path
+    settings: Settings, tiny_model_bytes: bytes, held_lock: Path
 ) -> None:
     models = settings.models_dir
-    (models / "busy.gguf").write_bytes(model_bytes)
+    (models / "busy.gguf").write_bytes(tiny_model_bytes)
     (models / "busy.gguf.partial").write_bytes(b"GGUF half")
     removed = remove_model_files(entry_named(settings, "busy"), settings)
     assert [path.name for path in removed] == ["busy.gguf"]

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 
 from shimmy import __version__
 from shimmy.api.admin.system import DEVICE_TYPES
-
-
-@pytest.fixture
-def client(tiny_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=tiny_server, timeout=60) as session:
-        yield session
 
 
 def system(client: httpx.Client) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LONG_CONTEXT
+from conftest import LONG_CONTEXT, ws_url
+from conftest import ws_receive as receive
 from websockets.sync.client import ClientConnection, connect
 
 from shimmy.settings import Settings
@@ -17,17 +18,6 @@ from shimmy.settings import Settings
 LONG_REQUEST = {"model": "tiny", "prompt": "go", "max_tokens": LONG_CONTEXT - 100}
 # Far below the client's default 10 s: a close the server does not answer fails the test.
 CLOSE_TIMEOUT = 3
-
-
-def ws_url(http_url: str) -> str:
-    return http_url.replace("http://", "ws://", 1) + "/ws/generate"
-
-
-def receive(ws: ClientConnection) -> dict[str, Any]:
-    frame = ws.recv(timeout=60)
-    assert isinstance(frame, str)
-    data: dict[str, Any] = json.loads(frame)
-    return data
 
 
 def run_request(ws: ClientConnection, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
