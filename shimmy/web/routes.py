@@ -8,8 +8,9 @@ Model output is shown by the page, and generated text is untrusted: the page nev
 HTML, and a strict Content-Security-Policy (scripts, styles and connections only from this
 origin, no inline code, no framing) limits the damage should that ever go wrong.
 
-These paths are readable without an API key (see ``shimmy.api.security``): the page asks for
-the key itself when the API answers 401. Only the exact paths below are public.
+These routes are declared public and not rate limited (one page load fetches several files that
+cost nothing like a generation): the page asks for the key itself when the API answers 401.
+Only the exact paths below are public.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
-from starlette.types import Scope
 
 from shimmy.api.routing import api_route
 
@@ -37,19 +37,6 @@ FILES: dict[str, tuple[str, str]] = {
     "/ui/app.css": ("app.css", "text/css; charset=utf-8"),
     "/ui/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
-
-PAGE_PATHS = frozenset(FILES)
-
-
-def is_page_request(scope: Scope) -> bool:
-    """A GET/HEAD of one of the page's own files: public, and not counted by the rate limit
-    (one page load fetches several of them; they cost nothing like a generation)."""
-    return (
-        scope["type"] == "http"
-        and scope["method"] in ("GET", "HEAD")
-        and scope["path"] in PAGE_PATHS
-    )
-
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
