@@ -27,23 +27,27 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+def _check_text(text: str, what: str, max_chars: int, param: str) -> None:
+    """What ids and paths share: not empty, no NUL or control characters, not too long."""
+    if not text:
+        raise InvalidRequest(f"{what} is empty", param=param)
+    if "\x00" in text:
+        raise InvalidRequest(f"{what} contains a NUL byte", param=param)
+    if _has_control_chars(text):
+        raise InvalidRequest(f"{what} contains control characters", param=param)
+    if len(text) > max_chars:
+        raise InvalidRequest(
+            f"{what} is {len(text)} characters long; at most {max_chars} allowed", param=param
+        )
+
+
 def validate_model_id(text: object, *, param: str = "model") -> str:
     """Return ``text`` when it is a model id as discovery makes them; raise ``InvalidRequest``
     saying what is wrong otherwise. Only checks the shape: whether the model exists is the
     registry's business."""
     if not isinstance(text, str):
         raise InvalidRequest("the model id must be a string", param=param)
-    if not text:
-        raise InvalidRequest("the model id is empty", param=param)
-    if "\x00" in text:
-        raise InvalidRequest("the model id contains a NUL byte", param=param)
-    if _has_control_chars(text):
-        raise InvalidRequest("the model id contains control characters", param=param)
-    if len(text) > MAX_MODEL_ID_CHARS:
-        raise InvalidRequest(
-            f"the model id is {len(text)} characters long; at most {MAX_MODEL_ID_CHARS} allowed",
-            param=param,
-        )
+    _check_text(text, "the model id", MAX_MODEL_ID_CHARS, param)
     if _looks_absolute(text):
         raise InvalidRequest("a model id is a name, not an absolute path", param=param)
     if "/" in text or "\\" in text:
@@ -66,17 +70,7 @@ def resolve_inside(folder: Path, relative: str | Path, *, param: str = "path") -
     The answer is only as good as the moment it was computed: callers should act on the
     returned path straight away, not keep it around."""
     text = os.fspath(relative)
-    if not text:
-        raise InvalidRequest("the path is empty", param=param)
-    if "\x00" in text:
-        raise InvalidRequest("the path contains a NUL byte", param=param)
-    if _has_control_chars(text):
-        raise InvalidRequest("the path contains control characters", param=param)
-    if len(text) > MAX_RELATIVE_PATH_CHARS:
-        raise InvalidRequest(
-            f"the path is {len(text)} characters long; at most {MAX_RELATIVE_PATH_CHARS} allowed",
-            param=param,
-        )
+    _check_text(text, "the path", MAX_RELATIVE_PATH_CHARS, param)
     for form in (text, unicodedata.normalize("NFKC", text)):
         if _looks_absolute(form):
             raise InvalidRequest("an absolute path is not allowed here", param=param)
