@@ -214,13 +214,13 @@ def test_runtime_error_names_the_template_line() -> None:
 
 def test_template_is_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
     parses: list[str] = []
-    original = templates_module._GuardedEnvironment._parse
+    original = templates_module.GuardedEnvironment._parse
 
     def counting_parse(self: Any, source: str, name: Any, filename: Any) -> Any:
         parses.append(source)
         return original(self, source, name, filename)
 
-    monkeypatch.setattr(templates_module._GuardedEnvironment, "_parse", counting_parse)
+    monkeypatch.setattr(templates_module.GuardedEnvironment, "_parse", counting_parse)
     template = jinja(CHATML)
     for text in ("a", "b", "c"):
         assert template.render(user(text)).startswith(f"<|im_start|>user\n{text}")

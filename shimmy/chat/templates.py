@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shimmy.chat.formats import BUILTIN_FORMATS, PromptFormat, render_plain
+from shimmy.chat.guarded_env import MAX_TEMPLATE_CHARS, GuardedEnvironment
 from shimmy.chat.messages import normalize_messages, normalize_tools
-from shimmy.chat.sandbox import MAX_TEMPLATE_CHARS, SandboxedJinjaFormat, _GuardedEnvironment
+from shimmy.chat.sandbox import SandboxedJinjaFormat
 from shimmy.errors import TemplateError
 from shimmy.models.entry import ModelEntry
 
@@ -25,7 +26,7 @@ from shimmy.models.entry import ModelEntry
 __all__ = [
     "MAX_TEMPLATE_CHARS",
     "ChatTemplate",
-    "_GuardedEnvironment",
+    "GuardedEnvironment",
     "normalize_messages",
 ]
 
