@@ -33,7 +33,7 @@ from shimmy.engine.types import Finished, GenerationRequest, Usage
 from shimmy.errors import InvalidRequest, ShimmyError
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine as ModelEngine
     from shimmy.registry import ModelRegistry
 
 MAX_BATCH_PROMPTS = 64

@@ -53,7 +53,8 @@ from shimmy.engine.types import Event, Finished, GenerationRequest, TextDelta
 from shimmy.errors import GenerationFailed, InvalidRequest, NotFound, ShimmyError
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream, ModelEngine
+    from shimmy.engine.protocol import Engine as ModelEngine
+    from shimmy.engine.protocol import Stream as GenerationStream
     from shimmy.registry import ModelRegistry
 
 LOCALLAB_SAMPLING_DEFAULTS: dict[str, Any] = {

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.datastructures import State
 
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine as ModelEngine
     from shimmy.registry import ModelRegistry
 
 UNMATCHED = "unmatched"

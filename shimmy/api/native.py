@@ -24,7 +24,7 @@ from shimmy.engine.types import Event, Finished, TextDelta
 from shimmy.errors import GenerationFailed, ShimmyError
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream
+    from shimmy.engine.protocol import Stream as GenerationStream
     from shimmy.registry import ModelRegistry
 
 

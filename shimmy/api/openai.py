@@ -60,7 +60,8 @@ from shimmy.errors import (
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream, ModelEngine
+    from shimmy.engine.protocol import Engine as ModelEngine
+    from shimmy.engine.protocol import Stream as GenerationStream
     from shimmy.models.entry import ModelEntry
     from shimmy.registry import ModelRegistry
 

@@ -31,7 +31,7 @@ from shimmy.engine.types import GenerationRequest, SamplingParams
 from shimmy.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine as ModelEngine
     from shimmy.settings import Settings
 
 MAX_STOP_STRINGS = 16

@@ -33,7 +33,7 @@ from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import InvalidRequest, PayloadTooLarge, ShimmyError
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream
+    from shimmy.engine.protocol import Stream as GenerationStream
     from shimmy.registry import ModelRegistry
     from shimmy.settings import Settings
 

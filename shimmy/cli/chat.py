@@ -29,7 +29,7 @@ from shimmy.errors import InvalidRequest, ShimmyError
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import GenerationStream, ModelEngine
+    from shimmy.engine.protocol import Engine, Stream
     from shimmy.engine.types import Usage
 
 PROMPT = ">>> "
@@ -59,7 +59,7 @@ class Turn:
     started: float = field(default_factory=time.perf_counter)
     first_text_at: float | None = None
     ended: float | None = None
-    stream: GenerationStream | None = None
+    stream: Stream | None = None
     stop_requested: bool = False
 
     def answer(self) -> str:
@@ -86,7 +86,7 @@ class Conversation:
 class ChatSession:
     def __init__(
         self,
-        engine: ModelEngine,
+        engine: Engine,
         settings: Settings,
         sampling: SamplingFlags,
         *,
@@ -110,7 +110,7 @@ class ChatSession:
         forgot = 0
         while True:
             prompt = self.engine.template.render(self.conversation.rendered())
-            if len(self.engine.model.tokenize(prompt)) + room <= self.engine.n_ctx:
+            if self.engine.count_tokens(prompt) + room <= self.engine.n_ctx:
                 break
             if not self.conversation.forget_oldest_exchange():
                 self.conversation.messages.pop()
@@ -162,7 +162,7 @@ class ChatSession:
             tell(describe_turn(turn, self.count_tokens))
 
     def count_tokens(self, text: str) -> int:
-        return len(self.engine.model.tokenize(text, add_special=False)) if text else 0
+        return self.engine.count_tokens(text, add_special=False) if text else 0
 
     # --- commands -------------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -310,7 +310,7 @@ def run_chat(session: ChatSession, runner: asyncio.Runner) -> None:
         session.finish(turn)
 
 
-def _greeting(engine: ModelEngine) -> str:
+def _greeting(engine: Engine) -> str:
     source = engine.template.source
     template = {
         "gguf": "the model's chat template",

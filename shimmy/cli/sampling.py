@@ -15,7 +15,7 @@ from shimmy.cli.options import option, splice_options
 from shimmy.engine.types import GenerationRequest, SamplingParams
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine
     from shimmy.settings import Settings
 
 _PANEL = "Sampling"
@@ -43,7 +43,7 @@ class SamplingFlags:
 
     def request(
         self,
-        engine: ModelEngine,
+        engine: Engine,
         settings: Settings,
         prompt: str,
         *,
