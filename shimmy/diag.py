@@ -150,7 +150,7 @@ def model_facts(settings: Settings) -> dict[str, Any]:
 def collect_diagnostics(settings: Settings, *, discover: bool = True) -> dict[str, Any]:
     """Everything ``shimmy diag`` shows. ``discover=False`` skips reading every model's header
     (a running server already knows its models) and reports only the folders searched."""
-    from shimmy.engine.engine import default_threads
+    from shimmy.engine.local import default_threads
 
     memory = psutil.virtual_memory()
     threads = settings.threads or default_threads()

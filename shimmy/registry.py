@@ -18,7 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from shimmy.engine.engine import ModelEngine, estimate_memory
+from shimmy.engine.local import LocalEngine, estimate_memory
+from shimmy.engine.protocol import Engine, EngineFactory, EngineHooks
 from shimmy.engine.types import Usage
 from shimmy.errors import InsufficientMemory, ModelLoading, ModelNotFound, ModelUnusable
 from shimmy.models.config import ModelOptions, load_config
@@ -28,32 +29,68 @@ from shimmy.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[ModelEntry, Settings, ModelOptions], ModelEngine]
-
 # keep_alive 0 unloads a model as soon as it is idle; this grace keeps a request that has just
 # looked the model up (and is rendering its prompt) from finding it gone.
 IDLE_GRACE_SECONDS = 0.5
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, engine_factory: EngineFactory = ModelEngine) -> None:
+    """Engines are used only through ``shimmy.engine.protocol.Engine``: ``engine_factory``
+    may make them in this process or elsewhere. ``hooks`` hear every engine's events (finished
+    generations, load progress); so do the observers added later with ``observe``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine_factory: EngineFactory = LocalEngine,
+        hooks: EngineHooks | None = None,
+    ) -> None:
         self.settings = settings
         self.config = load_config(settings.config)
         self._engine_factory = engine_factory
         self._entries: dict[str, ModelEntry] = {}
         self._aliases = self.config.alias_map()
         self._default_id: str | None = None
-        self._engines: dict[str, ModelEngine] = {}
-        self._loading: dict[str, asyncio.Task[ModelEngine]] = {}
+        self._engines: dict[str, Engine] = {}
+        self._loading: dict[str, asyncio.Task[Engine]] = {}
         self._lock = threading.Lock()  # guards _entries/_engines for readers in other threads
         self._reaper: asyncio.Task[None] | None = None
         self.load_counts: dict[str, int] = {}
-        # Given to every engine: see ModelEngine.on_finish (the app's metrics set it).
-        self.on_finish: Callable[[str, Usage, float, float | None], None] | None = None
-        # Told (model id, fraction 0..1) as llama.cpp reads a model's weights; called on the
-        # loading thread. The CLI draws its progress bar from it.
-        self.on_load_progress: Callable[[str, float], None] | None = None
+        # Replaced, never changed in place: engine threads iterate it without a lock.
+        self._observers: tuple[EngineHooks, ...] = (hooks,) if hooks is not None else ()
         self._wake_reaper: asyncio.Event | None = None
+
+    # --- observers -------------------------------------------------------------------------
+    def observe(self, hooks: EngineHooks) -> Callable[[], None]:
+        """Let ``hooks`` hear every engine's events from now on, loaded engines included;
+        returns the function that stops it. For observers that cannot exist before the
+        registry (the app's metrics read the registry) or live shorter (the CLI's progress bar
+        lives while one model loads). ``hooks.on_idle`` is not called."""
+        self._observers = (*self._observers, hooks)
+
+        def stop() -> None:
+            self._observers = tuple(h for h in self._observers if h is not hooks)
+
+        return stop
+
+    def _finished(
+        self, model_id: str, usage: Usage, enqueued_at: float, first_token_at: float | None
+    ) -> None:
+        for hooks in self._observers:
+            if hooks.on_finish is not None:
+                try:
+                    hooks.on_finish(model_id, usage, enqueued_at, first_token_at)
+                except Exception:  # one broken observer must not starve the others
+                    log.exception("on_finish observer failed")
+
+    def _load_progress(self, model_id: str, fraction: float) -> None:
+        for hooks in self._observers:
+            if hooks.on_load_progress is not None:
+                try:
+                    hooks.on_load_progress(model_id, fraction)
+                except Exception:
+                    log.exception("on_load_progress observer failed")
 
     # --- discovery -----------------------------------------------------------------------
     def discover(self) -> list[ModelEntry]:
@@ -133,7 +170,7 @@ class ModelRegistry:
     def loaded_count(self) -> int:
         return len(self._engines)
 
-    def loaded_engines(self) -> list[ModelEngine]:
+    def loaded_engines(self) -> list[Engine]:
         return list(self._engines.values())
 
     def loading_ids(self) -> list[str]:
@@ -141,7 +178,7 @@ class ModelRegistry:
 
     async def get_engine(
         self, model: str | None, *, keep_alive: float | None = None, wait: bool = True
-    ) -> ModelEngine:
+    ) -> Engine:
         """The loaded engine for ``model``, loading it first if needed. ``keep_alive`` (seconds,
         0 = unload when idle, -1 = never) overrides the default for this model from now on, as
         Ollama's per-request keep_alive does. With ``wait=False`` a model that is still loading
@@ -163,31 +200,29 @@ class ModelRegistry:
         self._touch(engine, keep_alive)
         return engine
 
-    def _touch(self, engine: ModelEngine, keep_alive: float | None) -> None:
+    def _touch(self, engine: Engine, keep_alive: float | None) -> None:
         engine.last_used = time.monotonic()
         if keep_alive is not None:
             engine.keep_alive = keep_alive
             self._poke_reaper()
 
-    async def _load(self, entry: ModelEntry) -> ModelEngine:
+    async def _load(self, entry: ModelEntry) -> Engine:
         options = self.config.options_for(entry.id)
         await self._make_room(entry, options)
         log.info("loading %s from %s", entry.id, entry.path)
-        report = self.on_load_progress
-        load = functools.partial(self._engine_factory, entry, self.settings, options)
-        if report is not None:
-            load = functools.partial(load, on_load_progress=functools.partial(report, entry.id))
-        engine = await asyncio.to_thread(load)
-        self.load_counts[entry.id] = self.load_counts.get(entry.id, 0) + 1
-        log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
         loop = asyncio.get_running_loop()
 
-        def idle() -> None:  # called on the engine's worker thread
+        def idle(_model_id: str) -> None:  # called on the engine's worker thread
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._poke_reaper)
 
-        engine.on_idle = idle
-        engine.on_finish = self.on_finish
+        hooks = EngineHooks(
+            on_finish=self._finished, on_idle=idle, on_load_progress=self._load_progress
+        )
+        load = functools.partial(self._engine_factory, entry, self.settings, options, hooks=hooks)
+        engine = await asyncio.to_thread(load)
+        self.load_counts[entry.id] = self.load_counts.get(entry.id, 0) + 1
+        log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
         self._engines[entry.id] = engine
         self._poke_reaper()
         return engine
@@ -240,7 +275,7 @@ class ModelRegistry:
         if self._wake_reaper is not None:
             self._wake_reaper.set()
 
-    def _expiry(self, engine: ModelEngine) -> float | None:
+    def _expiry(self, engine: Engine) -> float | None:
         if engine.keep_alive < 0:
             return None
         return engine.last_used + max(engine.keep_alive, IDLE_GRACE_SECONDS)

@@ -252,6 +252,9 @@ class ExplodingRegistry:
     def loaded_engines(self) -> list[Any]:
         return []
 
+    def observe(self, hooks: Any) -> Callable[[], None]:
+        return lambda: None
+
     async def aclose(self) -> None:
         return None
 

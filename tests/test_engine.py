@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shimmy.engine.engine import ModelEngine
+from shimmy.engine.local import LocalEngine
 from shimmy.engine.types import Finished, GenerationRequest, SamplingParams, TextDelta
 from shimmy.errors import ContextLengthExceeded, InvalidRequest, ServerBusy
 from shimmy.models.entry import ModelEntry
@@ -19,24 +19,24 @@ from shimmy.settings import Settings
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 
 
-def make_engine(path: Path, **overrides: object) -> ModelEngine:
+def make_engine(path: Path, **overrides: object) -> LocalEngine:
     values: dict[str, object] = {"ctx_size": 512, "parallel": 4, "threads": 2}
     values.update(overrides)
-    return ModelEngine(ModelEntry(id="tiny", path=path, source="test"), Settings(**values))
+    return LocalEngine(ModelEntry(id="tiny", path=path, source="test"), Settings(**values))
 
 
 @pytest.fixture
-async def engine(tiny_model_path: Path) -> AsyncIterator[ModelEngine]:
+async def engine(tiny_model_path: Path) -> AsyncIterator[LocalEngine]:
     eng = make_engine(tiny_model_path)
     yield eng
     eng.close()
 
 
-async def run(eng: ModelEngine, prompt: str | list[int], **kwargs: object) -> tuple[str, Finished]:
+async def run(eng: LocalEngine, prompt: str | list[int], **kwargs: object) -> tuple[str, Finished]:
     return await eng.submit(GenerationRequest(prompt=prompt, **kwargs)).collect()  # type: ignore[arg-type]
 
 
-async def test_greedy_is_deterministic_and_length_is_honest(engine: ModelEngine) -> None:
+async def test_greedy_is_deterministic_and_length_is_honest(engine: LocalEngine) -> None:
     first = await run(engine, "hello", max_tokens=40, sampling=GREEDY)
     second = await run(engine, "hello", max_tokens=40, sampling=GREEDY)
     assert first[0] == second[0]
@@ -45,7 +45,7 @@ async def test_greedy_is_deterministic_and_length_is_honest(engine: ModelEngine)
     assert first[1].usage.prompt_tokens == len(await engine.tokenize("hello"))
 
 
-async def test_same_seed_same_text_and_different_seed_differs(engine: ModelEngine) -> None:
+async def test_same_seed_same_text_and_different_seed_differs(engine: LocalEngine) -> None:
     def seeded(seed: int) -> SamplingParams:
         return SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=seed)
 
@@ -56,7 +56,7 @@ async def test_same_seed_same_text_and_different_seed_differs(engine: ModelEngin
     assert a[0] != c[0]
 
 
-async def test_streamed_pieces_are_whole_text_and_join_to_the_result(engine: ModelEngine) -> None:
+async def test_streamed_pieces_are_whole_text_and_join_to_the_result(engine: LocalEngine) -> None:
     sampling = SamplingParams(temperature=1.0, seed=3)
     stream = engine.submit(GenerationRequest(prompt="abc", max_tokens=200, sampling=sampling))
     pieces = []
@@ -71,7 +71,7 @@ async def test_streamed_pieces_are_whole_text_and_join_to_the_result(engine: Mod
         piece.encode("utf-8")
 
 
-async def test_stop_string_spanning_tokens_cuts_before_it(engine: ModelEngine) -> None:
+async def test_stop_string_spanning_tokens_cuts_before_it(engine: LocalEngine) -> None:
     text, _ = await run(engine, "stop test", max_tokens=80, sampling=GREEDY)
     tokens = await engine.tokenize(text, add_special=False)
     assert len(tokens) > 20
@@ -81,12 +81,12 @@ async def test_stop_string_spanning_tokens_cuts_before_it(engine: ModelEngine) -
     assert finished.finish_reason == "stop"
 
 
-async def test_prompt_longer_than_context_is_refused(engine: ModelEngine) -> None:
+async def test_prompt_longer_than_context_is_refused(engine: LocalEngine) -> None:
     with pytest.raises(ContextLengthExceeded):
         await run(engine, "z" * 2000, max_tokens=5)
 
 
-async def test_max_tokens_is_clamped_to_the_context(engine: ModelEngine) -> None:
+async def test_max_tokens_is_clamped_to_the_context(engine: LocalEngine) -> None:
     prompt = "q" * 500
     n_prompt = len(await engine.tokenize(prompt))
     _, finished = await run(engine, prompt, max_tokens=10_000, sampling=GREEDY)
@@ -94,12 +94,12 @@ async def test_max_tokens_is_clamped_to_the_context(engine: ModelEngine) -> None
     assert finished.usage.completion_tokens == engine.n_ctx - n_prompt
 
 
-async def test_token_ids_outside_the_vocabulary_are_refused(engine: ModelEngine) -> None:
+async def test_token_ids_outside_the_vocabulary_are_refused(engine: LocalEngine) -> None:
     with pytest.raises(InvalidRequest):
         await run(engine, [1, 2, 10_000_000], max_tokens=3)
 
 
-async def test_concurrent_streams_get_exactly_their_solo_answers(engine: ModelEngine) -> None:
+async def test_concurrent_streams_get_exactly_their_solo_answers(engine: LocalEngine) -> None:
     """No cross-talk: every sequence of a shared batch produces what it produces alone.
 
     The tiny model is F32, whose CPU kernels give bit-identical rows whatever the batch size,
@@ -119,7 +119,7 @@ async def test_concurrent_streams_get_exactly_their_solo_answers(engine: ModelEn
     assert len({t[0] for t in together}) == 8
 
 
-async def test_cancel_frees_the_slot(engine: ModelEngine) -> None:
+async def test_cancel_frees_the_slot(engine: LocalEngine) -> None:
     stream = engine.submit(GenerationRequest(prompt="c", max_tokens=100_000, sampling=GREEDY))
     first = await anext(stream)
     assert isinstance(first, TextDelta)
@@ -160,7 +160,7 @@ async def test_queue_overflow_is_refused_with_retry_after(tiny_model_path: Path)
         eng.close()
 
 
-async def test_prefix_of_previous_request_is_reused(engine: ModelEngine) -> None:
+async def test_prefix_of_previous_request_is_reused(engine: LocalEngine) -> None:
     turn1 = "system: be brief. user: hi " * 10
     _, first = await run(engine, turn1, max_tokens=4, sampling=GREEDY)
     assert first.usage.cached_tokens == 0
@@ -180,7 +180,7 @@ async def test_prefix_cache_can_be_turned_off(tiny_model_path: Path) -> None:
         eng.close()
 
 
-async def test_reused_prefix_gives_the_same_greedy_text(engine: ModelEngine) -> None:
+async def test_reused_prefix_gives_the_same_greedy_text(engine: LocalEngine) -> None:
     prompt = "a shared system prompt " * 8
     fresh_engine_text, _ = await run(engine, prompt, max_tokens=30, sampling=GREEDY)
     cached_text, finished = await run(engine, prompt, max_tokens=30, sampling=GREEDY)
@@ -215,7 +215,7 @@ async def test_long_prompt_does_not_freeze_a_running_stream(tiny_model_path: Pat
         eng.close()
 
 
-async def test_grammar_constrains_the_output(engine: ModelEngine) -> None:
+async def test_grammar_constrains_the_output(engine: LocalEngine) -> None:
     grammar = 'root ::= ("yes" | "no") "."'
     for seed in range(5):
         text, finished = await run(
@@ -225,12 +225,12 @@ async def test_grammar_constrains_the_output(engine: ModelEngine) -> None:
         assert finished.finish_reason == "stop"
 
 
-async def test_bad_grammar_is_an_invalid_request(engine: ModelEngine) -> None:
+async def test_bad_grammar_is_an_invalid_request(engine: LocalEngine) -> None:
     with pytest.raises(InvalidRequest):
         await run(engine, "x", max_tokens=2, sampling=SamplingParams(grammar="root ::= ("))
 
 
-async def test_logprobs_are_reported_per_token(engine: ModelEngine) -> None:
+async def test_logprobs_are_reported_per_token(engine: LocalEngine) -> None:
     stream = engine.submit(GenerationRequest(prompt="lp", max_tokens=5, logprobs=3))
     entries = []
     async for event in stream:
@@ -242,7 +242,7 @@ async def test_logprobs_are_reported_per_token(engine: ModelEngine) -> None:
         assert 1 <= len(entry.top) <= 3
 
 
-async def test_embeddings_are_normalized_vectors(engine: ModelEngine) -> None:
+async def test_embeddings_are_normalized_vectors(engine: LocalEngine) -> None:
     result = await engine.embed(["hello", "a longer sentence here"])
     assert len(result.vectors) == 2
     assert all(len(v) == 64 for v in result.vectors)
@@ -254,7 +254,7 @@ async def test_embeddings_are_normalized_vectors(engine: ModelEngine) -> None:
     )
 
 
-async def test_generation_still_works_after_embeddings(engine: ModelEngine) -> None:
+async def test_generation_still_works_after_embeddings(engine: LocalEngine) -> None:
     await engine.embed(["warm"])
     text, finished = await run(engine, "after", max_tokens=5)
     assert finished.usage.completion_tokens == 5 or finished.finish_reason == "stop"
@@ -277,7 +277,7 @@ async def test_lora_adapter_changes_the_output_and_scale_zero_does_not(
         "lora": ModelOptions(lora=adapter, lora_scale=1.0),
         "off": ModelOptions(lora=adapter, lora_scale=0.0),
     }.items():
-        eng = ModelEngine(entry, settings, options)
+        eng = LocalEngine(entry, settings, options)
         try:
             texts[label], _ = await run(eng, "adapt", max_tokens=30, sampling=GREEDY)
         finally:
@@ -294,7 +294,7 @@ def test_an_adapter_that_does_not_fit_is_refused(tiny_model_path: Path, tmp_path
     not_an_adapter.write_bytes(b"GGUF" + b"\0" * 64)
     entry = ModelEntry(id="tiny", path=tiny_model_path, source="test")
     with pytest.raises(ModelUnusable):
-        ModelEngine(entry, Settings(ctx_size=256, parallel=1), ModelOptions(lora=not_an_adapter))
+        LocalEngine(entry, Settings(ctx_size=256, parallel=1), ModelOptions(lora=not_an_adapter))
 
 
 @pytest.mark.starter
@@ -327,7 +327,7 @@ async def test_a_grammar_that_allows_the_text_leaves_it_unchanged(
 
 
 async def test_a_grammar_steers_a_model_that_would_write_something_else(
-    engine: ModelEngine,
+    engine: LocalEngine,
 ) -> None:
     plain, _ = await run(engine, "hello", max_tokens=8, sampling=GREEDY)
     grammar = 'root ::= "0" [0-9]* "!"'

@@ -16,7 +16,8 @@ from conftest import isolated_settings
 from test_pull import MirrorServer
 from tiny_gguf import write_tiny_gguf
 
-from shimmy.engine.engine import ModelEngine
+from shimmy.engine.local import LocalEngine
+from shimmy.engine.protocol import EngineHooks
 from shimmy.engine.types import GenerationRequest
 from shimmy.models.config import ModelOptions
 from shimmy.models.entry import ModelEntry
@@ -149,9 +150,11 @@ class GatedFactory:
     def __init__(self) -> None:
         self.gate = threading.Event()
 
-    def __call__(self, entry: ModelEntry, settings: Settings, options: ModelOptions) -> ModelEngine:
+    def __call__(
+        self, entry: ModelEntry, settings: Settings, options: ModelOptions, *, hooks: EngineHooks
+    ) -> LocalEngine:
         self.gate.wait(30)
-        return ModelEngine(entry, settings, options)
+        return LocalEngine(entry, settings, options, hooks=hooks)
 
 
 async def test_requests_wait_for_a_loading_model_or_get_503_if_asked(
@@ -285,10 +288,12 @@ def test_pull_of_an_invalid_source_is_a_400(
 async def test_load_progress_reaches_one_for_the_loading_model(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    registry = ModelRegistry(isolated_settings(tiny_model_dir, tmp_path))
-    registry.discover()
     reports: list[tuple[str, float]] = []
-    registry.on_load_progress = lambda model_id, fraction: reports.append((model_id, fraction))
+    hooks = EngineHooks(
+        on_load_progress=lambda model_id, fraction: reports.append((model_id, fraction))
+    )
+    registry = ModelRegistry(isolated_settings(tiny_model_dir, tmp_path), hooks=hooks)
+    registry.discover()
     try:
         await registry.get_engine("tiny")
     finally:
@@ -301,13 +306,12 @@ async def test_load_progress_reaches_one_for_the_loading_model(
 async def test_a_failing_progress_observer_does_not_fail_the_load(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    registry = ModelRegistry(isolated_settings(tiny_model_dir, tmp_path))
-    registry.discover()
-
     def broken(model_id: str, fraction: float) -> None:
         raise RuntimeError("observer bug")
 
-    registry.on_load_progress = broken
+    hooks = EngineHooks(on_load_progress=broken)
+    registry = ModelRegistry(isolated_settings(tiny_model_dir, tmp_path), hooks=hooks)
+    registry.discover()
     try:
         engine = await registry.get_engine("tiny")
         _, finished = await engine.submit(GenerationRequest(prompt="Hi", max_tokens=2)).collect()

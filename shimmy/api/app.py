@@ -36,6 +36,7 @@ from shimmy.api.ratelimit import RateLimitMiddleware
 from shimmy.api.routing import RouteAccess
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.api.ws import routes as ws
+from shimmy.engine.protocol import EngineHooks
 from shimmy.errors import PayloadTooLarge, ShimmyError, unexpected_error
 from shimmy.registry import ModelRegistry
 from shimmy.settings import Settings
@@ -192,7 +193,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.settings = settings
     app.state.registry = registry if registry is not None else ModelRegistry(settings)
     # Every generation of every engine reports its tokens and latencies to this app's metrics.
-    app.state.registry.on_finish = metrics.metrics_for(app).engine_finished
+    # An observer rather than a constructor hook: the metrics read the registry they observe,
+    # and a registry handed in by the caller must report to this app all the same.
+    app.state.registry.observe(EngineHooks(on_finish=metrics.metrics_for(app).engine_finished))
     app.state.started_at = time.monotonic()
     app.state.request_count = 0
     return app

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.datastructures import State
 
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine
     from shimmy.registry import ModelRegistry
 
 UNMATCHED = "unmatched"
@@ -92,7 +92,7 @@ class EngineCollector(Collector):
         yield loads
         yield from self._engine_metrics(engines)
 
-    def _engine_metrics(self, engines: list[ModelEngine]) -> Iterator[Metric]:
+    def _engine_metrics(self, engines: list[Engine]) -> Iterator[Metric]:
         def gauge(name: str, documentation: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, documentation, labels=["model"])
 

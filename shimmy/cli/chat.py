@@ -30,8 +30,7 @@ from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.protocol import Engine as ModelEngine
-    from shimmy.engine.protocol import Stream as GenerationStream
+    from shimmy.engine.protocol import Engine, Stream
     from shimmy.engine.types import GenerationRequest, Usage
 
 PROMPT = ">>> "
@@ -61,7 +60,7 @@ class Turn:
     started: float = field(default_factory=time.perf_counter)
     first_text_at: float | None = None
     ended: float | None = None
-    stream: GenerationStream | None = None
+    stream: Stream | None = None
     stop_requested: bool = False
 
     def answer(self) -> str:
@@ -88,7 +87,7 @@ class Conversation:
 class ChatSession:
     def __init__(
         self,
-        engine: ModelEngine,
+        engine: Engine,
         settings: Settings,
         sampling: SamplingFlags,
         *,
@@ -170,7 +169,7 @@ class ChatSession:
             tell(describe_turn(turn, self.count_tokens))
 
     def count_tokens(self, text: str) -> int:
-        return len(self.engine.model.tokenize(text, add_special=False)) if text else 0
+        return self.engine.count_tokens(text, add_special=False) if text else 0
 
     # --- commands -------------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -318,7 +317,7 @@ def run_chat(session: ChatSession, runner: asyncio.Runner) -> None:
         session.finish(turn)
 
 
-def _greeting(engine: ModelEngine) -> str:
+def _greeting(engine: Engine) -> str:
     source = engine.template.source
     template = {
         "gguf": "the model's chat template",

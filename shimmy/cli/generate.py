@@ -20,7 +20,7 @@ from shimmy.serving.defaults import DEFAULTS, Dialect
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.protocol import Engine as ModelEngine
+    from shimmy.engine.protocol import Engine
     from shimmy.engine.types import Finished
 
 # Templates a model (or its config) brings itself; shimmy's builtin guesses are used only
@@ -55,7 +55,7 @@ def read_prompt(argument: str | None, option: str | None, file: Path | None) -> 
     return prompt
 
 
-def wants_chat_template(engine: ModelEngine, *, raw: bool, chat: bool, system: bool) -> bool:
+def wants_chat_template(engine: Engine, *, raw: bool, chat: bool, system: bool) -> bool:
     if raw and chat:
         raise InvalidRequest("--raw and --chat contradict each other")
     if raw:
@@ -107,7 +107,7 @@ async def _generate(
         await registry.aclose()
 
 
-def _response_body(engine: ModelEngine, text: str, finished: Finished) -> dict[str, Any]:
+def _response_body(engine: Engine, text: str, finished: Finished) -> dict[str, Any]:
     """The same shape as POST /api/generate's response."""
     return {
         "id": f"gen-{uuid.uuid4().hex}",

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from shimmy.engine.protocol import EngineHooks
 from shimmy.settings import Settings
 
 if TYPE_CHECKING:
-    from shimmy.engine.engine import ModelEngine
+    from shimmy.engine.protocol import Engine
     from shimmy.registry import ModelRegistry
 
 
@@ -25,7 +26,7 @@ async def open_registry(settings: Settings) -> ModelRegistry:
 
 async def load_engine(
     registry: ModelRegistry, model: str | None, console: Console | None = None
-) -> ModelEngine:
+) -> Engine:
     """The engine for ``model`` (the default model if None). While a model loads, a terminal
     shows a bar fed by llama.cpp's own load progress; pipes and files get nothing."""
     console = console or Console(stderr=True)
@@ -46,8 +47,8 @@ async def load_engine(
             # Called on the loading thread; rich's Progress takes its own lock.
             progress.update(task, completed=fraction)
 
-        registry.on_load_progress = advance
+        stop_observing = registry.observe(EngineHooks(on_load_progress=advance))
         try:
             return await registry.get_engine(entry.id)
         finally:
-            registry.on_load_progress = None
+            stop_observing()

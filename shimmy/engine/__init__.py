@@ -1,4 +1,4 @@
-"""The llama.cpp engine: one worker thread per loaded model, batching many sequences."""
+"""Engines: the protocol the server uses (protocol.py) and the llama.cpp one (local.py)."""
 
 from shimmy.engine.types import (
     EmbeddingResult,

@@ -30,7 +30,6 @@ _LLAMA_LOG = logging.getLogger("llama.cpp")
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
-@llama_cpp.llama_log_callback
 def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp prints its load chatter to stderr by default; routed through logging it obeys
     # -v and the log format, and never interleaves with text a command writes to stdout.
@@ -41,10 +40,14 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
             _LLAMA_LOG.log(python_level, "%s", message)
 
 
+# A module global: llama.cpp keeps calling it after llama_log_set returns.
+_LLAMA_LOG_THUNK = llama_cpp.llama_log_callback(_route_llama_log)
+
+
 def quiet_llama_logs(verbose: bool) -> None:
     """Route llama.cpp's logs into the "llama.cpp" logger: errors only unless verbose."""
     _LLAMA_LOG.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_LLAMA_LOG_THUNK, ctypes.c_void_p(0))
 
 
 def gpu_offload_supported() -> bool:

@@ -38,7 +38,7 @@ from shimmy.serving.prepare import prepare
 from shimmy.serving.run import frames, start
 
 if TYPE_CHECKING:
-    from shimmy.engine.protocol import Stream as GenerationStream
+    from shimmy.engine.protocol import Stream
     from shimmy.registry import ModelRegistry
     from shimmy.settings import Settings
 
@@ -63,7 +63,7 @@ class _Disconnected:
 class _Job:
     """The generation being run; the reader cancels it from its own task."""
 
-    stream: GenerationStream | None = None
+    stream: Stream | None = None
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -71,7 +71,7 @@ class _Job:
         if self.stream is not None:
             self.stream.cancel()
 
-    def attach(self, stream: GenerationStream) -> None:
+    def attach(self, stream: Stream) -> None:
         self.stream = stream
         if self.cancelled:  # cancelled while the model was loading or the prompt rendering
             stream.cancel()

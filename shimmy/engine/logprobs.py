@@ -1,0 +1,34 @@
+"""Log-probabilities of a sampled token and its top alternatives, from the raw logits.
+
+They describe the model's distribution before any sampler (temperature, penalties, grammar)
+reshaped it, as OpenAI's ``logprobs`` do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from shimmy.engine.types import TokenLogprob
+
+
+def token_logprob(
+    logits: np.ndarray, token: int, piece: bytes, top_n: int, token_bytes: Callable[[int], bytes]
+) -> TokenLogprob:
+    # float64 and the max subtracted first: exp() of float32 logits overflows.
+    shifted = logits.astype(np.float64) - float(logits.max())
+    logsumexp = math.log(float(np.exp(shifted).sum()))
+    top: dict[str, float] = {}
+    if top_n > 0:
+        best = np.argpartition(-shifted, min(top_n, len(shifted) - 1))[:top_n]
+        for t in sorted(best, key=lambda t: -shifted[t]):
+            text = token_bytes(int(t)).decode("utf-8", "replace")
+            # Tokens that decode to the same text (broken UTF-8 pieces) keep the likeliest.
+            top.setdefault(text, float(shifted[t] - logsumexp))
+    return TokenLogprob(
+        token=piece.decode("utf-8", "replace"),
+        logprob=float(shifted[token] - logsumexp),
+        top=top,
+    )

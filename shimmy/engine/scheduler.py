@@ -1,0 +1,368 @@
+"""The worker thread of one loaded model: admission, continuous batching, reaping.
+
+The worker is the only code that touches the llama context. Each step it builds one
+llama_batch holding the next token of every generating sequence plus a chunk of each waiting
+prompt (continuous batching, as llama.cpp's own server does), decodes it once, then samples
+every sequence with its own sampler chain. Prompts are processed in chunks, so a long prompt
+delays others' next token by one chunk, not by the whole prompt.
+
+Requests reach the worker through a FIFO queue bounded by ``max_queue``; their events travel
+back through each request's ``GenerationStream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from shimmy.engine.llama import Batch, LlamaContext, LlamaModel, Sampler
+from shimmy.engine.logprobs import token_logprob
+from shimmy.engine.protocol import EngineHooks
+from shimmy.engine.slots import Job, Slot, pick_slot
+from shimmy.engine.stream import GenerationStream, WorkerCall
+from shimmy.engine.types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+from shimmy.errors import (
+    ContextLengthExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    ServerBusy,
+    ServerError,
+    ShimmyError,
+)
+from shimmy.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model_id: str,
+        model: LlamaModel,
+        ctx: LlamaContext,
+        settings: Settings,
+        *,
+        n_ctx: int,
+        n_parallel: int,
+        hooks: EngineHooks,
+        teardown: Callable[[], None],
+    ) -> None:
+        self.model_id = model_id
+        self.model = model
+        self.ctx = ctx
+        self.settings = settings
+        self.n_ctx = n_ctx
+        self.n_parallel = n_parallel
+        self.hooks = hooks
+        # Run on the worker thread once it stops: llama.cpp objects are freed where they live.
+        self._teardown = teardown
+        self._batch = Batch(ctx.n_batch)
+        self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
+        self._queue: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[WorkerCall[Any]] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.counters: dict[str, int] = collections.Counter()
+        self.last_used = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._run, name=f"shimmy-engine-{model_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ======================================================================================
+    # Event-loop side
+    # ======================================================================================
+    def submit_many(self, requests: list[GenerationRequest]) -> list[GenerationStream]:
+        # The worker sees all of them at once, so they start in the same batch when slots
+        # are free.
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.request_timeout
+        jobs = [Job(r, GenerationStream(loop, self._wake), deadline) for r in requests]
+        with self._cv:
+            if self._stopping:
+                raise ServerBusy("the model is being unloaded", retry_after=1)
+            busy = self._busy()
+            if busy + len(self._queue) + len(jobs) > self.n_parallel + self.settings.max_queue:
+                self.counters["rejected_busy"] += 1
+                raise ServerBusy(
+                    f"all {self.n_parallel} slots are busy and {len(self._queue)} requests "
+                    "are waiting",
+                    retry_after=self._retry_after_estimate(),
+                )
+            self._queue.extend(jobs)
+            self.last_used = time.monotonic()
+            self._cv.notify()
+        return [job.stream for job in jobs]
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker between two decode steps (it may use the llama objects)."""
+        call = WorkerCall(fn)
+        with self._cv:
+            if self._stopping:
+                raise ServerBusy("the model is being unloaded", retry_after=1)
+            self._calls.append(call)
+            self._cv.notify()
+        return await call.future
+
+    def load(self) -> tuple[int, int]:
+        """(busy slots, queued requests)."""
+        with self._cv:
+            return self._busy(), len(self._queue)
+
+    def stop(self) -> None:
+        with self._cv:
+            if self._stopping and not self._thread.is_alive():
+                return
+            self._stopping = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+
+    def _busy(self) -> int:
+        return sum(1 for s in self._slots if s.job is not None)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _retry_after_estimate(self) -> float:
+        return float(max(1, math.ceil(len(self._queue) / max(1, self.n_parallel))))
+
+    # ======================================================================================
+    # Worker thread
+    # ======================================================================================
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._has_work():
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for call in calls:
+                    call.run()
+                self._drop_cancelled_queued()
+                self._admit()
+                self._reap_cancelled_and_expired()
+                if any(s.job is not None for s in self._slots):
+                    self._step()
+        except BaseException:  # pragma: no cover - a bug in the scheduler itself
+            log.exception("engine worker for %s crashed", self.model_id)
+            self._fail_everything(ServerError("the model's worker stopped unexpectedly"))
+        finally:
+            self._fail_everything(ServerBusy("the model was unloaded", retry_after=1))
+            self._batch.close()
+            self._teardown()
+
+    def _has_work(self) -> bool:
+        return bool(self._calls or self._queue or any(s.job for s in self._slots))
+
+    def _drop_cancelled_queued(self) -> None:
+        with self._cv:
+            if not any(job.stream.cancelled for job in self._queue):
+                return
+            kept = collections.deque(j for j in self._queue if not j.stream.cancelled)
+            dropped = [j for j in self._queue if j.stream.cancelled]
+            self._queue = kept
+        for job in dropped:
+            job.stream.push(Finished("cancelled", Usage()))
+
+    # --- admission -----------------------------------------------------------------------
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            with self._cv:
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            try:
+                self._start(job, free)
+            except ShimmyError as exc:
+                job.stream.push(exc)
+            except Exception as exc:
+                log.exception("could not start a request")
+                job.stream.push(GenerationFailed(str(exc) or type(exc).__name__))
+
+    def _start(self, job: Job, free: list[Slot]) -> None:
+        prompt = self._prompt_tokens(job.request)
+        room = self.n_ctx - len(prompt)
+        max_tokens = job.request.max_tokens
+        max_new = room if max_tokens is None else min(max_tokens, room)
+        slot, reused = pick_slot(free, prompt, self.ctx, prefix_cache=self.settings.prefix_cache)
+        sampler = Sampler(self.model, job.request.sampling)
+        slot.start(job, prompt, sampler, max_new=max_new, reused=reused)
+        self.counters["requests"] += 1
+        if reused:
+            self.counters["prefix_hits"] += 1
+            self.counters["prefix_tokens_reused"] += reused
+
+    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if isinstance(request.prompt, str):
+            prompt = self.model.tokenize(request.prompt, add_special=request.add_bos)
+        else:
+            prompt = list(request.prompt)
+            bad = [t for t in prompt if not 0 <= t < self.model.n_vocab]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary")
+        if not prompt:
+            if self.model.bos < 0:
+                raise InvalidRequest("the prompt is empty")
+            prompt = [self.model.bos]
+        if len(prompt) >= self.n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx} "
+                "(including at least one generated token)",
+                param="prompt",
+            )
+        return prompt
+
+    # --- one decoding step ---------------------------------------------------------------
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        active = [s for s in self._slots if s.job is not None]
+        for slot in active:
+            slot.batch_index = -1
+            if slot.next_token is not None:
+                slot.batch_index = batch.add(slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+        # Prompts fill the rest of the batch in admission order, each at most one chunk.
+        for slot in sorted((s for s in active if s.prefilling), key=lambda s: s.admitted_at):
+            take = min(len(slot.prompt) - len(slot.cached), batch.room, self.settings.prefill_chunk)
+            if take <= 0:
+                break
+            start = len(slot.cached)
+            for offset in range(take):
+                pos = start + offset
+                last = pos == len(slot.prompt) - 1
+                index = batch.add(slot.prompt[pos], pos, slot.seq_id, last)
+                if last:
+                    slot.batch_index = index
+            slot.cached.extend(slot.prompt[start : start + take])
+        if batch.size == 0:
+            return
+        try:
+            self.ctx.decode(batch)
+        except ShimmyError as exc:
+            log.error("decode failed for %s: %s", self.model_id, exc)
+            for slot in active:
+                self._release(slot, error=exc, drop_cache=True)
+            return
+        self.counters["decode_steps"] += 1
+        for slot in active:
+            if slot.batch_index >= 0 and slot.job is not None:
+                self._sample(slot)
+
+    def _sample(self, slot: Slot) -> None:
+        assert slot.sampler is not None and slot.assembler is not None and slot.job is not None
+        token = slot.sampler.sample(self.ctx, slot.batch_index)
+        if self.model.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        slot.count_token()
+        self.counters["tokens_generated"] += 1
+        piece = self.model.token_bytes(token, self._piece_buf)
+        logprobs = None
+        top_n = slot.job.request.logprobs
+        if top_n is not None:
+            logits = self.ctx.logits(slot.batch_index, self.model.n_vocab)
+            logprobs = [token_logprob(logits, token, piece, top_n, self._token_bytes)]
+        text = slot.assembler.feed(piece)
+        if text or logprobs:
+            slot.job.stream.push(TextDelta(text, logprobs))
+        if slot.assembler.stopped:
+            self._finish(slot, "stop")
+        elif slot.generated >= slot.max_new:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = token
+
+    def _token_bytes(self, token: int) -> bytes:
+        return self.model.token_bytes(token, self._piece_buf)
+
+    # --- ending requests -----------------------------------------------------------------
+    def _finish(self, slot: Slot, reason: FinishReason) -> None:
+        usage = slot.finish()
+        self.counters["requests_" + reason] += 1
+        self._report_finish(slot, usage)
+        # Free the slot before the client hears "finished", so anything it does next (stats,
+        # another request) already sees the slot free.
+        job = self._release(slot)
+        if job is not None:
+            job.stream.push(Finished(reason, usage))
+
+    def _report_finish(self, slot: Slot, usage: Usage) -> None:
+        if self.hooks.on_finish is None or slot.job is None:
+            return
+        try:
+            self.hooks.on_finish(self.model_id, usage, slot.job.enqueued_at, slot.first_token_time)
+        except Exception:  # metrics must never break generation
+            log.exception("on_finish hook failed")
+
+    def _release(
+        self, slot: Slot, *, error: ShimmyError | None = None, drop_cache: bool = False
+    ) -> Job | None:
+        job = slot.release(self.ctx, drop_cache=drop_cache)
+        self.last_used = time.monotonic()
+        if error is not None and job is not None:
+            job.stream.push(error)
+        if self.hooks.on_idle is not None and not self._queue and self._busy() == 0:
+            try:
+                self.hooks.on_idle(self.model_id)
+            except Exception:
+                log.exception("on_idle hook failed")
+        return job
+
+    def _reap_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            job = slot.job
+            if job is None:
+                continue
+            if job.stream.cancelled:
+                self.counters["requests_cancelled"] += 1
+                usage = slot.usage()
+                self._report_finish(slot, usage)
+                # Mid-prompt the cache is still valid up to what was decoded: keep it.
+                self._release(slot)
+                job.stream.push(Finished("cancelled", usage))
+            elif now > job.deadline:
+                self.counters["requests_timed_out"] += 1
+                self._release(
+                    slot,
+                    error=GenerationFailed(
+                        f"the request exceeded the server's {self.settings.request_timeout:g}s "
+                        "time limit"
+                    ),
+                )
+
+    def _fail_everything(self, error: ShimmyError) -> None:
+        for slot in self._slots:
+            if slot.job is not None:
+                self._release(slot, error=error)
+        with self._cv:
+            queued = list(self._queue)
+            self._queue.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        for job in queued:
+            job.stream.push(error)
+        for call in calls:
+            call.fail(error)

@@ -1,0 +1,144 @@
+"""Slots: one llama sequence each, running at most one request (llama.cpp server's server_slot).
+
+A slot keeps the tokens of its last request in the KV cache after the request ends. A new
+request goes to the free slot whose cached tokens share the longest prefix with its prompt, so
+only the differing tail is decoded (the next turn of a chat, a shared system prompt).
+
+Only the worker thread touches slots, except that the event loop counts busy ones under the
+scheduler's lock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from shimmy.engine.llama import LlamaContext, Sampler
+from shimmy.engine.stream import GenerationStream
+from shimmy.engine.textstream import TextAssembler
+from shimmy.engine.types import GenerationRequest, TextDelta, Usage
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    stream: GenerationStream
+    deadline: float
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
+    job: Job | None = None
+    prompt: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None
+    assembler: TextAssembler | None = None
+    next_token: int | None = None  # sampled, not yet decoded
+    batch_index: int = -1  # where this slot's logits are in the current batch; -1 = none
+    max_new: int = 0
+    generated: int = 0
+    cached_at_start: int = 0
+    first_token_at: float = 0.0
+    last_used: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.job is not None and len(self.cached) < len(self.prompt)
+
+    @property
+    def admitted_at(self) -> float:
+        return self.job.enqueued_at if self.job is not None else 0.0
+
+    def start(
+        self, job: Job, prompt: list[int], sampler: Sampler, *, max_new: int, reused: int
+    ) -> None:
+        """Run ``job`` here; the cache must already be cut to ``reused`` tokens of ``prompt``."""
+        self.sampler = sampler
+        self.job = job
+        self.prompt = prompt
+        self.assembler = TextAssembler(job.request.stop)
+        self.next_token = None
+        self.batch_index = -1
+        self.max_new = max_new
+        self.generated = 0
+        self.cached_at_start = reused
+        self.last_used = time.monotonic()
+
+    def count_token(self) -> None:
+        self.generated += 1
+        if self.generated == 1:
+            self.first_token_at = time.monotonic()
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self.first_token_at if self.generated else None
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt),
+            completion_tokens=self.generated,
+            cached_tokens=self.cached_at_start,
+        )
+
+    def finish(self) -> Usage:
+        """End the generation: send the text held back (a possible stop string's start, a
+        partial character). The slot stays busy until ``release``."""
+        assert self.job is not None and self.assembler is not None
+        tail = self.assembler.finish()
+        if tail:
+            self.job.stream.push(TextDelta(tail))
+        return self.usage()
+
+    def release(self, ctx: LlamaContext, *, drop_cache: bool = False) -> Job | None:
+        """Free the slot; returns the job it ran. The cache is kept for the next request's
+        prefix unless ``drop_cache`` (after a failed decode its contents are unknown)."""
+        job = self.job
+        if self.sampler is not None:
+            self.sampler.close()
+        self.sampler = None
+        self.job = None
+        self.assembler = None
+        self.next_token = None
+        self.batch_index = -1
+        self.last_used = time.monotonic()
+        if drop_cache:
+            ctx.forget(self.seq_id, 0)
+            self.cached.clear()
+        return job
+
+    def keep_prefix(self, ctx: LlamaContext, keep: int) -> int:
+        """Cut the cache to its first ``keep`` tokens; returns how many were kept (0 when the
+        context cannot cut the sequence there, e.g. a sliding-window cache)."""
+        if keep <= 0 or not ctx.forget(self.seq_id, keep):
+            ctx.forget(self.seq_id, 0)
+            keep = 0
+        del self.cached[keep:]
+        return keep
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def pick_slot(
+    free: list[Slot], prompt: list[int], ctx: LlamaContext, *, prefix_cache: bool
+) -> tuple[Slot, int]:
+    """Choose the free slot that already holds the longest prefix of ``prompt``; cut its
+    cache to that prefix. Without a useful match take the least recently used slot, so
+    the caches of recent conversations survive longest."""
+    best, best_len = None, 0
+    if prefix_cache:
+        for slot in free:
+            common = common_prefix(slot.cached, prompt)
+            if common > best_len:
+                best, best_len = slot, common
+    if best is None:
+        best = min(free, key=lambda s: s.last_used)
+    # At least the last prompt token must be decoded again to get logits for sampling.
+    return best, best.keep_prefix(ctx, min(best_len, len(prompt) - 1))
