@@ -1,4 +1,4 @@
-"""Structured output for the OpenAI API: GBNF grammars for JSON, JSON schemas and tool calls,
+"""Structured output for every dialect: GBNF grammars for JSON, JSON schemas and tool calls,
 and recovery of tool calls from free text.
 
 Grammars are handed to the engine as ``SamplingParams.grammar``; llama.cpp's grammar sampler
@@ -208,8 +208,7 @@ def tool_call_grammar(tools: Sequence[ToolSpec]) -> str:
         try:
             validate_schema(parameters, f"tools/{index}/function/parameters")
         except InvalidRequest as exc:
-            exc.param = "tools"
-            raise
+            raise exc.copy_with(param="tools") from None
         call_schema: dict[str, Any] = {
             "type": "object",
             "properties": {"name": {"const": tool.name}, "arguments": parameters},
