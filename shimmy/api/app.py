@@ -164,8 +164,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             await app_registry.aclose()
 
     routes = route_table(settings)
-    # Which requests need no key and which the rate limit lets through: the routes say.
-    access = RouteAccess.of(routes)
+    # Which requests need no key and which the rate limit lets through: the routes say. The
+    # page's paths keep their facts when the page is off, so a browser there gets a plain 404
+    # rather than a request for a key.
+    access = RouteAccess.of([*routes, *([] if settings.web_ui else web.routes)])
     app = Starlette(
         routes=routes,
         middleware=[
