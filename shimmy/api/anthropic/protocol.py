@@ -1,11 +1,13 @@
 """Requests and responses of Anthropic's Messages API (``/v1/messages``).
 
-Fields follow Anthropic's API reference. As there, ``max_tokens`` is required, the system prompt
-is a top-level field, and content is a string or a list of blocks. Only the blocks a text model
-can read are understood (text, tool_use, tool_result; thinking blocks of earlier turns are
-dropped); an image or a document is refused rather than silently ignored. Fields clients send
-that a local model has no use for (``metadata``, ``service_tier``, ``cache_control``...) are
-ignored.
+Fields follow Anthropic's API reference; sampling fields its newest SDK no longer offers (such as
+``temperature``) are still read, as older clients send them. As there, ``max_tokens`` is
+required, the system prompt is a top-level field, and content is a string or a list of blocks.
+Only the blocks a text model can read are understood (text, tool_use, tool_result; thinking
+blocks of earlier turns are dropped); an image or a document is refused rather than silently
+ignored. Fields a local model has no use for (``metadata``, ``service_tier``,
+``cache_control``...) are ignored. ``output_config.format`` (a JSON schema) is enforced with a
+grammar.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import Field, StrictBool, StrictStr, field_validator
 from shimmy.api.protocol.common import PositiveInt, StrictFloat, TopK, WireModel
 from shimmy.api.protocol.responses import ResponseModel
 from shimmy.errors import InvalidRequest
-from shimmy.serving.chat import Message, ToolCallInput, ToolChoice
+from shimmy.serving.chat import Message, ResponseFormat, ToolCallInput, ToolChoice
 from shimmy.serving.prepare import GenerationInput
 from shimmy.serving.structured import ToolSpec
 
@@ -197,6 +199,19 @@ class _Conversation(WireModel):
         )
 
 
+class JsonOutputFormat(WireModel):
+    type: Literal["json_schema"]
+    # ``schema`` shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(WireModel):
+    """Structured output: the reply is decoded under the schema's grammar. (``effort`` is for
+    Anthropic's reasoning models and is ignored.)"""
+
+    format: JsonOutputFormat | None = None
+
+
 class MessagesRequest(_Conversation):
     max_tokens: PositiveInt
     stop_sequences: Annotated[list[StrictStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
@@ -204,6 +219,7 @@ class MessagesRequest(_Conversation):
     top_p: UnitInterval | None = None
     top_k: TopK | None = None
     stream: StrictBool | None = None
+    output_config: OutputConfig | None = None
 
     def stop_list(self) -> list[str]:
         # An empty stop sequence would end every reply at once.
@@ -215,6 +231,9 @@ class MessagesRequest(_Conversation):
         given.stop = self.stop_list()
         sent = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
         given.sampling = {name: value for name, value in sent.items() if value is not None}
+        fmt = self.output_config.format if self.output_config is not None else None
+        if fmt is not None:
+            given.response_format = ResponseFormat("json_schema", fmt.json_schema)
         return given
 
 

@@ -148,7 +148,7 @@ def _function_tools(value: Any) -> Any:
     return value
 
 
-class NamedFunction(WireModel):
+class ResponsesNamedFunction(WireModel):
     type: Literal["function"]
     name: StrictStr
 
@@ -175,7 +175,7 @@ class ResponsesRequest(WireModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedFunction | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextOptions | None = None
     stream: StrictBool | None = None
@@ -194,7 +194,7 @@ class ResponsesRequest(WireModel):
             return None
         return (
             ToolChoice("named", choice.name)
-            if isinstance(choice, NamedFunction)
+            if isinstance(choice, ResponsesNamedFunction)
             else (ToolChoice(choice))
         )
 
@@ -240,7 +240,7 @@ class ResponsesRequest(WireModel):
             "top_p": self.top_p if self.top_p is not None else 1.0,
             "tool_choice": (
                 self.tool_choice.model_dump()
-                if isinstance(self.tool_choice, NamedFunction)
+                if isinstance(self.tool_choice, ResponsesNamedFunction)
                 else self.tool_choice or "auto"
             ),
             "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
