@@ -75,6 +75,17 @@ class Settings(BaseSettings):
     ws_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     template_timeout: float = Field(2.0, gt=0, description="Chat template render limit (s)")
     template_max_chars: int = Field(1_000_000, ge=1000, description="Rendered prompt size limit")
+    embedding_token_ids: Literal["cl100k", "model"] = Field(
+        "cl100k",
+        description="Whose token ids /v1/embeddings reads: tiktoken's cl100k (what OpenAI "
+        "clients such as LangChain send) or the model's own vocabulary",
+    )
+    responses_store_size: int = Field(
+        256,
+        ge=0,
+        description="Responses API: how many responses are kept (in memory, least recently "
+        "used dropped first) for GET and previous_response_id; 0 keeps none",
+    )
 
     # --- lifecycle ---------------------------------------------------------------------------
     max_loaded_models: int = Field(2, ge=1)

@@ -628,13 +628,22 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert logprobs.text_offset == sorted(logprobs.text_offset)
 
 
-@pytest.mark.parametrize(("field", "value"), [("echo", True), ("best_of", 2), ("n", 2)])
-def test_unsupported_completion_options_are_bad_requests(
-    client: openai.OpenAI, field: str, value: Any
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"best_of": 2, "stream": True}, "best_of"),
+        ({"n": 2, "stream": True}, "n"),
+        ({"n": 17}, "n"),
+        ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
+    ],
+)
+def test_impossible_completion_options_are_bad_requests(
+    client: openai.OpenAI, options: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model="tiny", prompt="x", **{field: value})
-    assert caught.value.body["param"] == field
+        client.completions.create(model="tiny", prompt="x", **options)
+    assert caught.value.body["param"] == param
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -682,18 +691,19 @@ def test_embeddings_float_and_base64_agree(client: openai.OpenAI) -> None:
     np.testing.assert_allclose(default.data[0].embedding, floats.data[0].embedding, rtol=1e-6)
 
 
-def test_token_id_embedding_input_is_refused(client: openai.OpenAI) -> None:
+def test_embedding_token_ids_outside_cl100k_are_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.embeddings.create(model="tiny", input=[[1, 2, 3]])
+        client.embeddings.create(model="tiny", input=[[1, 2, 10**7]])
     assert caught.value.body["param"] == "input"
+    assert "cl100k" in caught.value.message
 
 
 # --- errors -----------------------------------------------------------------------------------
 
 
-def test_n_above_one_is_a_bad_request(client: openai.OpenAI) -> None:
+def test_streaming_several_chat_choices_is_a_bad_request(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", messages=user("x"), n=2)
+        client.chat.completions.create(model="tiny", messages=user("x"), n=2, stream=True)
     assert caught.value.body["param"] == "n"
     assert caught.value.code == "invalid_request"
 

@@ -29,10 +29,13 @@ from shimmy.api import errors, metrics, openapi
 from shimmy.api.access_log import AccessLogMiddleware
 from shimmy.api.admin import routes as admin
 from shimmy.api.admin import system
+from shimmy.api.anthropic import routes as anthropic
 from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
 from shimmy.api.openai import routes as openai
 from shimmy.api.ratelimit import RateLimitMiddleware
+from shimmy.api.responses import routes as responses
+from shimmy.api.responses.store import ResponseStore
 from shimmy.api.routing import RouteAccess
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.api.ws import routes as ws
@@ -137,7 +140,7 @@ def route_table(settings: Settings) -> list[BaseRoute]:
         *native.routes,
         *admin.routes,
         *ws.routes,
-        Mount("/v1", routes=openai.routes),
+        Mount("/v1", routes=[*openai.routes, *responses.routes, *anthropic.routes]),
         *openapi.routes,
         *system.routes,
         *metrics.routes,
@@ -200,4 +203,5 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.registry.observe(EngineHooks(on_finish=metrics.metrics_for(app).engine_finished))
     app.state.started_at = time.monotonic()
     app.state.request_count = 0
+    app.state.responses = ResponseStore(settings.responses_store_size)
     return app

@@ -31,6 +31,8 @@ from shimmy.errors import (
 logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1"
+# Anthropic's Messages API lives inside /v1 and has an error shape of its own.
+ANTHROPIC_PREFIX = "/v1/messages"
 
 # How many pydantic errors one response lists; a huge invalid body must not make a huge reply.
 _MAX_LISTED_ERRORS = 5
@@ -39,6 +41,10 @@ _MAX_DETAILS_CHARS = 1000
 
 def is_openai_path(path: str) -> bool:
     return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
 
 
 def native_error_body(err: ShimmyError) -> dict[str, Any]:
@@ -69,6 +75,34 @@ def openai_error_body(err: ShimmyError) -> dict[str, Any]:
     }
 
 
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    if status in _ANTHROPIC_TYPES:
+        return _ANTHROPIC_TYPES[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def anthropic_error_body(err: ShimmyError) -> dict[str, Any]:
+    """Anthropic's ``{"type": "error", "error": {"type", "message"}}``; its SDK raises by
+    status and shows ``message``, so the message carries the details."""
+    message = f"{err.message}: {err.details}" if err.details else err.message
+    return {
+        "type": "error",
+        "error": {"type": anthropic_error_type(err.status), "message": message},
+    }
+
+
 def ws_error_frame(err: ShimmyError) -> dict[str, Any]:
     message = f"{err.message}: {err.details}" if err.details else err.message
     return {"error": {"code": err.code, "message": message}}
@@ -85,7 +119,13 @@ def error_response(
     err: ShimmyError, request: HTTPConnection, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The HTTP response for ``err``, in the dialect of the path that was requested."""
-    body = openai_error_body(err) if is_openai_path(request.url.path) else native_error_body(err)
+    path = request.url.path
+    if is_anthropic_path(path):
+        body = anthropic_error_body(err)
+    elif is_openai_path(path):
+        body = openai_error_body(err)
+    else:
+        body = native_error_body(err)
     all_headers = {**_retry_after_header(err), **(headers or {})}
     return JSONResponse(body, status_code=err.status, headers=all_headers)
 

@@ -42,7 +42,11 @@ from shimmy.settings import Settings
 POLICY_VIOLATION = 1008
 
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Shimmy-Wait"
+# The Anthropic SDK sends its version headers from browsers too (with direct browser access on).
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Api-Key, X-Shimmy-Wait, Anthropic-Version, Anthropic-Beta, "
+    "Anthropic-Dangerous-Direct-Browser-Access"
+)
 # Browser scripts may only read response headers they are told about.
 CORS_EXPOSE_HEADERS = "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
 CORS_MAX_AGE_SECONDS = 600

@@ -29,10 +29,15 @@ SSE_HEADERS = {
 }
 
 
-def sse_event(data: Mapping[str, Any]) -> bytes:
-    """One ``data:`` event holding ``data`` as compact JSON (UTF-8, no ASCII escaping)."""
+def sse_event(data: Mapping[str, Any], event: str | None = None) -> bytes:
+    """One ``data:`` event holding ``data`` as compact JSON (UTF-8, no ASCII escaping), named
+    ``event`` when given (Anthropic's and the Responses API's streams name every event)."""
+    named = f"event: {event}\n".encode() if event is not None else b""
     return (
-        b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        named
+        + b"data: "
+        + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        + b"\n\n"
     )
 
 

@@ -8,11 +8,13 @@ thread calls it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from shimmy.engine.llama import Batch, ContextConfig, LlamaContext, LlamaModel
 from shimmy.engine.types import EmbeddingResult
-from shimmy.errors import ContextLengthExceeded
+from shimmy.errors import ContextLengthExceeded, InvalidRequest
 
 
 class Embedder:
@@ -31,7 +33,8 @@ class Embedder:
         )
         self._ctx: LlamaContext | None = None
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
+    def embed(self, texts: Sequence[str | list[int]]) -> EmbeddingResult:
+        """One normalized vector per input: a text, or the model's own token ids."""
         if self._ctx is None:
             self._ctx = LlamaContext(self._model, self._config)
         ctx = self._ctx
@@ -40,7 +43,16 @@ class Embedder:
         total = 0
         try:
             for index, text in enumerate(texts):
-                tokens = self._model.tokenize(text)
+                tokens = self._model.tokenize(text) if isinstance(text, str) else text
+                if not tokens:
+                    raise InvalidRequest(f"input {index} is empty", param="input")
+                bad = [t for t in tokens if not 0 <= t < self._model.n_vocab]
+                if bad:
+                    raise InvalidRequest(
+                        f"input {index} holds token id {bad[0]}, outside this model's "
+                        f"vocabulary of {self._model.n_vocab} tokens",
+                        param="input",
+                    )
                 if len(tokens) > ctx.n_batch:
                     raise ContextLengthExceeded(
                         f"input {index} has {len(tokens)} tokens; the limit is {ctx.n_batch}",

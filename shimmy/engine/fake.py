@@ -130,7 +130,7 @@ class FakeEngine:
             stream.push(TextDelta(tail))
         if self._hooks.on_finish is not None:
             self._hooks.on_finish(self.entry.id, usage, enqueued, first)
-        stream.push(Finished(reason, usage))
+        stream.push(Finished(reason, usage, stop_sequence=assembler.matched))
 
     def _played(self, task: asyncio.Task[None]) -> None:
         self._playing.discard(task)
@@ -147,13 +147,17 @@ class FakeEngine:
     def count_tokens(self, text: str, *, add_special: bool = True) -> int:
         return len(text.encode())
 
-    async def embed(self, texts: list[str]) -> EmbeddingResult:
+    async def embed(self, texts: Sequence[str | list[int]]) -> EmbeddingResult:
         vectors = []
+        count = 0
         for text in texts:
-            raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[:16]]
+            # Token ids are bytes here, as in ``tokenize``.
+            data = text.encode() if isinstance(text, str) else bytes(t % 256 for t in text)
+            raw = [b - 127.5 for b in hashlib.sha256(data).digest()[:16]]
             norm = math.sqrt(sum(x * x for x in raw))
             vectors.append([x / norm for x in raw])
-        return EmbeddingResult(vectors, sum(self.count_tokens(t) for t in texts))
+            count += len(data)
+        return EmbeddingResult(vectors, count)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -151,7 +152,7 @@ class LocalEngine:
     def count_tokens(self, text: str, *, add_special: bool = True) -> int:
         return len(self.model.tokenize(text, add_special=add_special))
 
-    async def embed(self, texts: list[str]) -> EmbeddingResult:
+    async def embed(self, texts: Sequence[str | list[int]]) -> EmbeddingResult:
         return await self._scheduler.call(lambda: self._embedder.embed(texts))
 
     def stats(self) -> dict[str, Any]:

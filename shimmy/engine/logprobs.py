@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shimmy.engine.types import TokenLogprob
+from shimmy.engine.types import PromptToken, TokenLogprob
 
 
 def token_logprob(
@@ -32,3 +32,12 @@ def token_logprob(
         logprob=float(shifted[token] - logsumexp),
         top=top,
     )
+
+
+def prompt_token_score(
+    logits: np.ndarray, token: int, top_n: int, token_bytes: Callable[[int], bytes]
+) -> PromptToken:
+    """How likely the model found prompt token ``token``, from the logits of the position
+    before it."""
+    scored = token_logprob(logits, token, token_bytes(token), top_n, token_bytes)
+    return PromptToken(scored.token, scored.logprob, scored.top)

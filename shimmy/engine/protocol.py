@@ -8,7 +8,7 @@ set on it afterwards: an engine in another process could not see a later assignm
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -113,7 +113,7 @@ class Engine(Protocol):
         """How many tokens ``text`` is, answered at once (for code that is not async)."""
         ...
 
-    async def embed(self, texts: list[str]) -> EmbeddingResult: ...
+    async def embed(self, texts: Sequence[str | list[int]]) -> EmbeddingResult: ...
 
     def stats(self) -> dict[str, Any]:
         """slots, busy, queued, n_ctx, threads, n_gpu_layers, memory_bytes and counters."""

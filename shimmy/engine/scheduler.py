@@ -23,11 +23,18 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from shimmy.engine.llama import Batch, LlamaContext, LlamaModel, Sampler
-from shimmy.engine.logprobs import token_logprob
+from shimmy.engine.logprobs import prompt_token_score, token_logprob
 from shimmy.engine.protocol import EngineHooks
 from shimmy.engine.slots import Job, Slot, pick_slot
 from shimmy.engine.stream import GenerationStream, WorkerCall
-from shimmy.engine.types import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+from shimmy.engine.types import (
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    PromptToken,
+    TextDelta,
+    Usage,
+)
 from shimmy.errors import (
     ContextLengthExceeded,
     GenerationFailed,
@@ -204,9 +211,14 @@ class Scheduler:
         room = self.n_ctx - len(prompt)
         max_tokens = job.request.max_tokens
         max_new = room if max_tokens is None else min(max_tokens, room)
-        slot, reused = pick_slot(free, prompt, self.ctx, prefix_cache=self.settings.prefix_cache)
+        # Scoring the prompt needs the logits of every prompt position: nothing is reused.
+        scoring = job.request.prompt_logprobs is not None
+        prefix_cache = self.settings.prefix_cache and not scoring
+        slot, reused = pick_slot(free, prompt, self.ctx, prefix_cache=prefix_cache)
         sampler = Sampler(self.model, job.request.sampling)
         slot.start(job, prompt, sampler, max_new=max_new, reused=reused)
+        if scoring:
+            slot.scores = [PromptToken(self._token_bytes(prompt[0]).decode("utf-8", "replace"))]
         self.counters["requests"] += 1
         if reused:
             self.counters["prefix_hits"] += 1
@@ -249,10 +261,13 @@ class Scheduler:
             if take <= 0:
                 break
             start = len(slot.cached)
+            scoring = slot.scores is not None
+            if scoring:
+                slot.scored_chunk = (start, batch.size, take)
             for offset in range(take):
                 pos = start + offset
                 last = pos == len(slot.prompt) - 1
-                index = batch.add(slot.prompt[pos], pos, slot.seq_id, last)
+                index = batch.add(slot.prompt[pos], pos, slot.seq_id, last or scoring)
                 if last:
                     slot.batch_index = index
             slot.cached.extend(slot.prompt[start : start + take])
@@ -267,11 +282,33 @@ class Scheduler:
             return
         self.counters["decode_steps"] += 1
         for slot in active:
+            if slot.scored_chunk is not None:
+                self._score_prompt_chunk(slot)
             if slot.batch_index >= 0 and slot.job is not None:
                 self._sample(slot)
 
+    def _score_prompt_chunk(self, slot: Slot) -> None:
+        """Score the prompt tokens that follow this step's chunk positions: the logits at
+        position p rate the prompt token at p + 1."""
+        assert slot.scored_chunk is not None and slot.scores is not None and slot.job is not None
+        start, first_index, count = slot.scored_chunk
+        slot.scored_chunk = None
+        top_n = slot.job.request.prompt_logprobs or 0
+        for offset in range(count):
+            following = start + offset + 1
+            if following >= len(slot.prompt):
+                break
+            logits = self.ctx.logits(first_index + offset, self.model.n_vocab)
+            slot.scores.append(
+                prompt_token_score(logits, slot.prompt[following], top_n, self._token_bytes)
+            )
+
     def _sample(self, slot: Slot) -> None:
         assert slot.sampler is not None and slot.assembler is not None and slot.job is not None
+        if slot.max_new <= 0:
+            # max_tokens 0: only the prompt was wanted (scored, for echo).
+            self._finish(slot, "length")
+            return
         token = slot.sampler.sample(self.ctx, slot.batch_index)
         if self.model.is_eog(token):
             self._finish(slot, "stop")
@@ -300,13 +337,15 @@ class Scheduler:
     # --- ending requests -----------------------------------------------------------------
     def _finish(self, slot: Slot, reason: FinishReason) -> None:
         usage = slot.finish()
+        matched = slot.assembler.matched if slot.assembler is not None else None
+        scores = slot.scores
         self.counters["requests_" + reason] += 1
         self._report_finish(slot, usage)
         # Free the slot before the client hears "finished", so anything it does next (stats,
         # another request) already sees the slot free.
         job = self._release(slot)
         if job is not None:
-            job.stream.push(Finished(reason, usage))
+            job.stream.push(Finished(reason, usage, stop_sequence=matched, prompt_tokens=scores))
 
     def _report_finish(self, slot: Slot, usage: Usage) -> None:
         if self.hooks.on_finish is None or slot.job is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from shimmy.engine.llama import LlamaContext, Sampler
 from shimmy.engine.stream import GenerationStream
 from shimmy.engine.textstream import TextAssembler
-from shimmy.engine.types import GenerationRequest, TextDelta, Usage
+from shimmy.engine.types import GenerationRequest, PromptToken, TextDelta, Usage
 
 
 @dataclass
@@ -42,6 +42,10 @@ class Slot:
     cached_at_start: int = 0
     first_token_at: float = 0.0
     last_used: float = 0.0
+    # Prompt scoring (``prompt_logprobs``): the scores so far, and where this step's prompt
+    # chunk sits: (first prompt position, its batch index, how many tokens).
+    scores: list[PromptToken] | None = None
+    scored_chunk: tuple[int, int, int] | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -65,6 +69,8 @@ class Slot:
         self.generated = 0
         self.cached_at_start = reused
         self.last_used = time.monotonic()
+        self.scores = None
+        self.scored_chunk = None
 
     def count_token(self) -> None:
         self.generated += 1
@@ -102,6 +108,8 @@ class Slot:
         self.assembler = None
         self.next_token = None
         self.batch_index = -1
+        self.scores = None
+        self.scored_chunk = None
         self.last_used = time.monotonic()
         if drop_cache:
             ctx.forget(self.seq_id, 0)

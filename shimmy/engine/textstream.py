@@ -18,6 +18,7 @@ class TextAssembler:
         self._stops = sorted({s for s in (stop or []) if s}, key=len)
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, data: bytes) -> str:
         """Add a token's bytes; return the text that can be released now."""
@@ -41,6 +42,7 @@ class TextAssembler:
         cut = self._first_stop(pending)
         if cut is not None:
             self.stopped = True
+            self.matched = next(s for s in self._stops if pending.startswith(s, cut))
             self._pending = ""
             return pending[:cut]
         if final:

@@ -33,6 +33,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # top-N alternatives per token; None = off
     add_bos: bool = True  # a BOS already present at the start of the text is not doubled
+    # Score the prompt too: each prompt token's logprob and top-N alternatives (OpenAI's
+    # ``echo`` with ``logprobs``). None = off. The prompt is then decoded whole, never reused.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -61,6 +64,15 @@ class TokenLogprob:
 
 
 @dataclass
+class PromptToken:
+    """One prompt token as scored by the model; the first has no logprob (nothing precedes it)."""
+
+    token: str
+    logprob: float | None = None
+    top: dict[str, float] | None = None
+
+
+@dataclass
 class TextDelta:
     """A piece of generated text: always whole UTF-8 characters, never part of a stop string."""
 
@@ -72,6 +84,9 @@ class TextDelta:
 class Finished:
     finish_reason: FinishReason
     usage: Usage
+    # The stop string that ended the reply ("stop" only; None for an end-of-generation token).
+    stop_sequence: str | None = None
+    prompt_tokens: list[PromptToken] | None = None  # when ``prompt_logprobs`` was asked for
 
 
 Event = TextDelta | Finished

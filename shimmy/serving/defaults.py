@@ -4,6 +4,8 @@ A field a client leaves out takes, in this order: the model's configured default
 config's ``[models.ID.sampling]``), then its dialect's row here. Each dialect keeps the defaults
 its clients were written against: OpenAI's clients tune against OpenAI (temperature 1, no top-k,
 16 tokens for the legacy completions endpoint), LocalLab's against LocalLab's server.
+Anthropic's Messages API samples with temperature 1 and neither top-p nor top-k unless asked,
+and has no default length (``max_tokens`` is required, as Anthropic requires it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class Dialect(StrEnum):
     NATIVE = "native"  # POST /api/generate, /api/generate/batch and /ws/generate frames
     OPENAI_CHAT = "openai_chat"
     OPENAI_COMPLETIONS = "openai_completions"
+    OPENAI_RESPONSES = "openai_responses"
+    ANTHROPIC = "anthropic"
     LOCALLAB = "locallab"
     CLI_GENERATE = "cli_generate"
     CLI_CHAT = "cli_chat"
@@ -52,6 +56,13 @@ DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
         ),
         Dialect.OPENAI_COMPLETIONS: DialectDefaults(
             16, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+        ),
+        Dialect.OPENAI_RESPONSES: DialectDefaults(
+            None, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+        ),
+        # max_tokens is required by the protocol; None is never used.
+        Dialect.ANTHROPIC: DialectDefaults(
+            None, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
         ),
         Dialect.LOCALLAB: DialectDefaults(max_tokens=None, top_k=80, repetition_penalty=1.15),
         Dialect.CLI_GENERATE: DialectDefaults(max_tokens=50),

@@ -10,6 +10,8 @@ template's end-of-turn markers into the stop strings, and clamping ``max_tokens`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,7 @@ class GenerationInput:
     stop: list[str] = field(default_factory=list)
     max_tokens: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # score the prompt too (OpenAI's echo with logprobs)
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: ToolChoice | None = None
     wire_tools: list[dict[str, Any]] | None = None  # the tools as sent, for native templates
@@ -131,9 +134,26 @@ async def prepare(
         sampling=_sampling(given.sampling, model_defaults, dialect, grammar),
         stop=stop,
         logprobs=given.logprobs,
+        prompt_logprobs=given.prompt_logprobs,
     )
     default_param = "messages" if given.messages is not None else "prompt"
     return Prepared(request, tools, prompt_param or default_param, grammar_param)
+
+
+def variants(prepared: Prepared, n: int) -> list[Prepared]:
+    """``n`` independent samples of one prepared generation (OpenAI's ``n``, ``best_of``).
+
+    Each gets its own seed: with the client's seed the i-th sample uses ``seed + i`` (so the
+    whole set is reproducible, and no two are the same); without one, fresh random seeds.
+    """
+    base = prepared.request.sampling.seed
+    out: list[Prepared] = []
+    for i in range(n):
+        seed = (base + i) & 0xFFFFFFFF if base is not None else random.getrandbits(32)
+        sampling = dataclasses.replace(prepared.request.sampling, seed=seed)
+        request = dataclasses.replace(prepared.request, sampling=sampling)
+        out.append(dataclasses.replace(prepared, request=request))
+    return out
 
 
 def _max_tokens(

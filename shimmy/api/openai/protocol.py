@@ -35,6 +35,8 @@ MAX_STOP_STRINGS = 16
 MAX_EMBEDDING_INPUTS = 2048
 MAX_COMPLETION_PROMPTS = 64
 MAX_TOOLS = 128
+# Choices of one request (``n``, ``best_of``): each is a sequence of its own in the engine.
+MAX_CHOICES = 16
 
 StrictInt = StrictInteger
 Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
@@ -125,7 +127,7 @@ class _SamplingFields(_Lenient):
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
     stop: Stop | None = None
-    n: PositiveInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
 
@@ -152,9 +154,12 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def check_single_choice(self) -> None:
-        if self.n is not None and self.n != 1:
-            raise InvalidRequest("only n=1 is supported", param="n")
+    def choices(self) -> int:
+        """How many choices were asked for (``n``); streaming several is not supported."""
+        n = self.n or 1
+        if n > 1 and self.stream:
+            raise InvalidRequest("n > 1 cannot be streamed; leave out stream", param="n")
+        return n
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -213,45 +218,77 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
 
+def _token_ids(value: list[Any]) -> bool:
+    return bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompt_list(prompt: list[Any], param: str, limit: int) -> list[str | list[int]]:
+    """A list is one prompt of token ids, or several prompts (texts or token-id lists)."""
+    if not prompt:
+        raise InvalidRequest(f"the {param} list is empty", param=param)
+    if _token_ids(prompt):
+        return [list(prompt)]
+    items: list[str | list[int]] = []
+    for item in prompt:
+        if isinstance(item, str):
+            items.append(item)
+        elif isinstance(item, list) and _token_ids(item):
+            items.append(list(item))
+        else:
+            raise InvalidRequest(
+                f"each {param} is a string or a non-empty list of token ids", param=param
+            )
+    if len(items) > limit:
+        raise InvalidRequest(f"at most {limit} {param}s per request", param=param)
+    return items
+
+
 class CompletionRequest(_SamplingFields):
+    """Prompts are text or token ids of the model's own vocabulary (as ``/tokenize`` gives)."""
+
     prompt: StrictStr | list[Any]
-    max_tokens: PositiveInt | None = None
+    # 0 is allowed, with ``echo``: the prompt is then only scored (lm-evaluation-harness).
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    best_of: PositiveInt | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     suffix: StrictStr | None = None
 
-    def prompts(self) -> list[str]:
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if not all(isinstance(p, str) for p in prompt):
-            raise InvalidRequest(
-                "prompts given as token ids are not supported; send text", param="prompt"
-            )
-        if not prompt:
-            raise InvalidRequest("the prompt list is empty", param="prompt")
-        if len(prompt) > MAX_COMPLETION_PROMPTS:
-            raise InvalidRequest(
-                f"at most {MAX_COMPLETION_PROMPTS} prompts per request", param="prompt"
-            )
-        return list(prompt)
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        return _prompt_list(self.prompt, "prompt", MAX_COMPLETION_PROMPTS)
 
-    def to_input(self, prompt: str) -> GenerationInput:
+    def to_input(self, prompt: str | list[int]) -> GenerationInput:
         return GenerationInput(
             prompt=prompt,
             sampling=self.sampling_sent(),
             stop=self.stop_list(),
             max_tokens=self.max_tokens,
-            logprobs=self.logprobs,
+            logprobs=self.generation_logprobs(),
+            prompt_logprobs=self.logprobs if self.echo else None,
         )
 
-    def check_supported(self) -> None:
-        self.check_single_choice()
-        if self.echo:
-            raise InvalidRequest("echo is not supported", param="echo")
-        if self.best_of is not None and self.best_of != 1:
-            raise InvalidRequest("only best_of=1 is supported", param="best_of")
+    def generation_logprobs(self) -> int | None:
+        # Choosing the best of several needs every candidate's token logprobs.
+        if self.best_of is not None and self.best_of > self.choices():
+            return self.logprobs or 0
+        return self.logprobs
+
+    def candidates(self) -> int:
+        """How many sequences to generate per prompt: ``best_of``, or ``n``."""
+        n = self.choices()
+        best_of = self.best_of or n
+        if best_of < n:
+            raise InvalidRequest("best_of must be at least n", param="best_of")
+        if best_of > 1 and self.stream:
+            raise InvalidRequest(
+                "best_of > 1 cannot be streamed; leave out stream", param="best_of"
+            )
+        if self.echo and self.stream and self.logprobs is not None:
+            # The prompt's scores are known only once the prompt is decoded whole.
+            raise InvalidRequest("echo with logprobs cannot be streamed", param="echo")
+        return best_of
 
 
 class EmbeddingRequest(_Lenient):
@@ -260,20 +297,11 @@ class EmbeddingRequest(_Lenient):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None
 
-    def texts(self) -> list[str]:
+    def inputs(self) -> list[str | list[int]]:
+        """The texts, or token-id lists, to embed (see ``shimmy.api.openai.token_ids``)."""
         if isinstance(self.input, str):
             return [self.input]
-        if not self.input:
-            raise InvalidRequest("input must not be empty", param="input")
-        if not all(isinstance(item, str) for item in self.input):
-            raise InvalidRequest(
-                "inputs given as token ids are not supported; send text", param="input"
-            )
-        if len(self.input) > MAX_EMBEDDING_INPUTS:
-            raise InvalidRequest(
-                f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input"
-            )
-        return list(self.input)
+        return _prompt_list(self.input, "input", MAX_EMBEDDING_INPUTS)
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -347,8 +375,8 @@ class ChatCompletion(_Envelope):
 
 class CompletionLogprobs(ResponseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="null for an echoed first token")
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
