@@ -97,6 +97,7 @@ def run_server(settings: Settings, registry: Any = None) -> Iterator[str]:
     clients can connect at once (the kernel queues them) and no readiness polling is needed.
     """
     from shimmy.api.app import create_app
+    from shimmy.server.config import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,7 +106,8 @@ def run_server(settings: Settings, registry: Any = None) -> Iterator[str]:
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings, registry=registry)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="auto")
+    # The configuration `shimmy serve` runs with: its protocol guards and proxy-header policy.
+    config = server_config(app, settings, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
