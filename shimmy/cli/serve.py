@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from shimmy import __version__
+from shimmy.api.admin.gate import model_admin_refusal
 from shimmy.api.security import insecure_bind_warning, keys_configured, load_api_keys
 from shimmy.cli.options import (
     CommonOptions,
@@ -207,6 +208,9 @@ def serve(
     warning = insecure_bind_warning(settings)
     if warning:
         tell(f"warning: {warning}")
+    refusal = model_admin_refusal(settings)
+    if refusal is not None:
+        tell(f"note: {refusal.details}")
     import uvicorn
 
     from shimmy.api.app import create_app

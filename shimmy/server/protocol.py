@@ -253,7 +253,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         raw.write_eof()  # the answer goes out first, then FIN; reading goes on
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, raw.close)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         if self.lingering and self._raw is not None:
             self._raw.close()
         return None
