@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # --- requests ----------------------------------------------------------------------------
     default_max_tokens: int = Field(100, ge=1)
     max_tokens_cap: int = Field(8192, ge=1, description="Upper bound on any max_tokens")
+    open_max_tokens: int = Field(
+        2048, ge=1, description="max_tokens of OpenAI chat and LocalLab requests without one"
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot before 503")
     request_timeout: float = Field(
         600.0, gt=0, description="Deadline of one generation (s); it then ends as 'length'"

@@ -5,10 +5,11 @@ config's ``[models.ID.sampling]``), then its dialect's row here. Each dialect ke
 its clients were written against: OpenAI's clients tune against OpenAI (temperature 1, no top-k,
 16 tokens for the legacy completions endpoint), LocalLab's against LocalLab's server.
 
-Every row has a finite ``max_tokens``. Clients that leave it out (LangChain's and Open WebUI's
-default) on a model that rarely stops would otherwise run to the server's cap and then into
-``request_timeout``. ``OPEN_ENDED_MAX_TOKENS`` is for the dialects whose own servers have no
-limit of their own: long enough for any chat answer, short enough to end in a minute on a CPU.
+Every dialect has a finite ``max_tokens``. Clients that leave it out (LangChain's and Open
+WebUI's default) on a model that rarely stops would otherwise run to the server's cap and then
+into ``request_timeout``. The dialects whose own servers set no limit (OpenAI chat, LocalLab)
+take the server's ``open_max_tokens`` setting, ``OPEN_ENDED_MAX_TOKENS`` unless configured:
+long enough for any chat answer, short enough to end within minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class Dialect(StrEnum):
 
 @dataclass(frozen=True)
 class DialectDefaults:
-    # Still clamped to the server's cap (``max_tokens_cap``) and to the context.
-    max_tokens: int
+    # None: the server's ``open_max_tokens`` setting, never unbounded. Whichever it is, it is
+    # still clamped to the server's cap (``max_tokens_cap``) and to the context.
+    max_tokens: int | None
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 40
@@ -49,20 +51,18 @@ class DialectDefaults:
         }
 
 
-OPEN_ENDED_MAX_TOKENS = 2048
+OPEN_ENDED_MAX_TOKENS = 2048  # the default of Settings.open_max_tokens
 
 DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
     {
         Dialect.NATIVE: DialectDefaults(max_tokens=100),
         Dialect.OPENAI_CHAT: DialectDefaults(
-            OPEN_ENDED_MAX_TOKENS, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+            None, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
         ),
         Dialect.OPENAI_COMPLETIONS: DialectDefaults(
             16, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
         ),
-        Dialect.LOCALLAB: DialectDefaults(
-            max_tokens=OPEN_ENDED_MAX_TOKENS, top_k=80, repetition_penalty=1.15
-        ),
+        Dialect.LOCALLAB: DialectDefaults(max_tokens=None, top_k=80, repetition_penalty=1.15),
         Dialect.CLI_GENERATE: DialectDefaults(max_tokens=50),
         Dialect.CLI_CHAT: DialectDefaults(max_tokens=1024),
         # A fixed, greedy, short generation: the same measurement on every run.

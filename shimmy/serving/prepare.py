@@ -142,6 +142,8 @@ def _max_tokens(
     chosen = sent if sent is not None else model_defaults.get("max_tokens")
     if chosen is None:
         chosen = DEFAULTS[dialect].max_tokens
+    if chosen is None:
+        chosen = settings.open_max_tokens
     return min(int(chosen), settings.max_tokens_cap)
 
 
