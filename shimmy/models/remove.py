@@ -27,8 +27,8 @@ def remove_model_files(entry: ModelEntry, settings: Settings) -> list[Path]:
     """Delete every file of ``entry`` (all shards; for a symlink, the link and its target) and
     its stale side files (``.partial``, ``.partial.json``, ``.verified``, an abandoned
     ``.lock``). Every path is checked before anything is deleted. Returns the paths deleted;
-    files already gone are skipped, so removing twice is harmless. Unload the model first: deleting does not free
-    memory a loaded engine maps."""
+    files already gone are skipped, so removing twice is harmless. Unload the model first:
+    deleting does not free memory a loaded engine maps."""
     models_dir = settings.models_dir.expanduser().absolute()
     model_files = entry.shards or [entry.path]
     # A pull locks a split model through its first part; it owns the side files meanwhile.
