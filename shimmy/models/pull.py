@@ -80,6 +80,7 @@ __all__ = [
     "LOCK_SUFFIX",
     "PARTIAL_SUFFIX",
     "PULL_ERROR_STATUS",
+    "RESUME_SUFFIX",
     "SIDE_FILE_SUFFIXES",
     "VERIFIED_SUFFIX",
     "ProgressThrottle",
