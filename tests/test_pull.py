@@ -48,6 +48,7 @@ class Request:
     path: str
     range: str | None
     status: int = 0
+    if_range: str | None = None
 
 
 @dataclass
@@ -60,6 +61,7 @@ class MirrorState:
     hf_etag: str | None = None  # instead of the real sha256
     hf_size: int | None = None  # instead of the real size
     validators: bool = True  # send ETag and Last-Modified, and honour If-Range
+    redirects: dict[str, str] = field(default_factory=dict)  # URL path -> where it moved
     no_length: bool = False  # announce no size (HEAD refused, GET without Content-Length)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,13 +72,13 @@ class MirrorState:
 class MirrorServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), MirrorHandler)
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), MirrorHandler)
         self.state = MirrorState()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
 
 class MirrorHandler(BaseHTTPRequestHandler):
@@ -94,10 +96,22 @@ class MirrorHandler(BaseHTTPRequestHandler):
 
     def _answer(self, *, send_body: bool) -> None:
         state = self.server.state
-        request = Request(self.command, self.path, self.headers.get("Range"))
+        request = Request(
+            self.command,
+            self.path,
+            self.headers.get("Range"),
+            if_range=self.headers.get("If-Range"),
+        )
         with state.lock:
             state.requests.append(request)
         path = urlsplit(self.path).path
+        if path in state.redirects:
+            request.status = 302
+            self.send_response(302)
+            self.send_header("Location", state.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         extra: dict[str, str] = {}
         hub = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
         if hub is not None:
