@@ -221,9 +221,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        if self._body_open and not self.transport.is_closing():
-            # Answered before the body was read (413, 408): the rest of it is not worth
-            # parsing, and reading it to its end is unbounded.
+        answered = self.cycle is not None and self.cycle.response_complete
+        if self._body_open and answered and not self.transport.is_closing():
+            # Answered before its body was read (413, 408): the rest of it is not worth
+            # parsing, and reading it to its end is unbounded. (With a pipelined request
+            # waiting, the open body is that one's, which still has its answer to come.)
             self.transport.close()
         super().on_response_complete()
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
