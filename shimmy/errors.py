@@ -99,6 +99,14 @@ class MethodNotAllowed(ShimmyError):
     message = "Method not allowed"
 
 
+class RequestTimeout(ShimmyError):
+    """The client was too slow to send its request (its head, or its body's floor rate)."""
+
+    code = "request_timeout"
+    status = 408
+    message = "The request did not arrive in time"
+
+
 class PayloadTooLarge(ShimmyError):
     code = "payload_too_large"
     status = 413

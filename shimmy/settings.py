@@ -33,6 +33,22 @@ class Settings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(11435, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a connection has to send a whole request head"
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds of grace before a body must keep body_min_rate"
+    )
+    body_min_rate: int = Field(
+        1024, ge=1, description="Bytes per second a request body must average after its grace"
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections at most (also capped by the descriptor limit)"
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Proxies whose X-Forwarded-For/-Proto are believed ('*': any); none by default",
+    )
 
     # --- models ----------------------------------------------------------------------------
     model_paths: Annotated[list[Path], NoDecode] = Field(
@@ -69,8 +85,13 @@ class Settings(BaseSettings):
     # --- requests ----------------------------------------------------------------------------
     default_max_tokens: int = Field(100, ge=1)
     max_tokens_cap: int = Field(8192, ge=1, description="Upper bound on any max_tokens")
+    open_max_tokens: int = Field(
+        2048, ge=1, description="max_tokens of OpenAI chat and LocalLab requests without one"
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot before 503")
-    request_timeout: float = Field(600.0, gt=0, description="Deadline of one generation (s)")
+    request_timeout: float = Field(
+        600.0, gt=0, description="Deadline of one generation (s); it then ends as 'length'"
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Max HTTP body size")
     ws_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     template_timeout: float = Field(2.0, gt=0, description="Chat template render limit (s)")
@@ -110,6 +131,17 @@ class Settings(BaseSettings):
         None, gt=0, description="Requests per minute per client address and per API key"
     )
     rate_burst: int = Field(10, ge=1, description="Requests a client may make at once")
+    auth_failures_per_minute: int = Field(
+        10, ge=1, description="Failed API-key checks per client address and minute before 429"
+    )
+    allow_private_pull: bool = Field(
+        False,
+        description="Let pulls reach loopback, private and link-local addresses and plain http",
+    )
+    open_model_admin: bool = Field(
+        False,
+        description="Serve /api/pull and DELETE /api/models on a non-loopback bind without a key",
+    )
 
     # --- web page ----------------------------------------------------------------------------
     web_ui: bool = Field(
@@ -125,7 +157,9 @@ class Settings(BaseSettings):
     def _split_paths(cls, value: object) -> object:
         return _split_list(value, os.pathsep)
 
-    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @field_validator(
+        "api_keys", "allowed_hosts", "cors_origins", "forwarded_allow_ips", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         return _split_list(value, ",")

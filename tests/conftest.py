@@ -90,22 +90,30 @@ def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
 
 
 @contextlib.contextmanager
-def run_server(settings: Settings, registry: Any = None) -> Iterator[str]:
+def run_server(
+    settings: Settings, registry: Any = None, *, keep_host: bool = False
+) -> Iterator[str]:
     """Serve ``create_app(settings)`` with a real uvicorn on a loopback port; yield its base URL.
+    ``keep_host``: the app believes it is bound to ``settings.host`` (say ``0.0.0.0``, for what
+    a public bind changes), while the socket still listens on loopback only.
 
     The listening socket is bound and put in listen state before the server thread starts, so
     clients can connect at once (the kernel queues them) and no readiness polling is needed.
     """
     from shimmy.api.app import create_app
+    from shimmy.server.config import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+    settings = settings.model_copy(
+        update={"port": port} if keep_host else {"host": "127.0.0.1", "port": port}
+    )
     app = create_app(settings, registry=registry)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="auto")
+    # The configuration `shimmy serve` runs with: its protocol guards and proxy-header policy.
+    config = server_config(app, settings, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -122,8 +130,8 @@ def server_factory() -> Iterator[Callable[..., str]]:
     """Start any number of servers with custom settings; all are stopped after the test."""
     stack = contextlib.ExitStack()
 
-    def start(settings: Settings, registry: Any = None) -> str:
-        return stack.enter_context(run_server(settings, registry))
+    def start(settings: Settings, registry: Any = None, *, keep_host: bool = False) -> str:
+        return stack.enter_context(run_server(settings, registry, keep_host=keep_host))
 
     with stack:
         yield start

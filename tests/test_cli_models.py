@@ -18,7 +18,7 @@ def test_pull_then_generate_then_rm(
     data = write_tiny_gguf(tmp_path / "src.gguf", seed=9).read_bytes()
     mirror.state.files["/m/cli-pulled.gguf"] = data
     env = cli_env(tiny_model_dir, tmp_path)
-    pulled = run_shimmy(["pull", f"{mirror.url}/m/cli-pulled.gguf"], env)
+    pulled = run_shimmy(["pull", "--allow-private-pull", f"{mirror.url}/m/cli-pulled.gguf"], env)
     assert pulled.returncode == 0, pulled.stderr.decode()
     assert pulled.stdout.decode().strip() == "cli-pulled"
     assert (tmp_path / "own-models" / "cli-pulled.gguf").read_bytes() == data
@@ -36,7 +36,8 @@ def test_pull_then_generate_then_rm(
 def test_pull_of_a_missing_file_fails_with_one_line(
     tiny_model_dir: Path, tmp_path: Path, mirror: MirrorServer
 ) -> None:
-    result = run_shimmy(["pull", f"{mirror.url}/nothing.gguf"], cli_env(tiny_model_dir, tmp_path))
+    env = cli_env(tiny_model_dir, tmp_path, SHIMMY_ALLOW_PRIVATE_PULL="true")
+    result = run_shimmy(["pull", f"{mirror.url}/nothing.gguf"], env)
     assert result.returncode != 0
     assert result.stderr.decode().strip().splitlines()[-1].startswith("error: ")
     assert result.stdout == b""

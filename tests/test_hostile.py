@@ -4,7 +4,7 @@ Dozens of malformed, oversized, out-of-range, unauthorized and cross-site reques
 for broken GGUF files and garbage WebSocket frames all hit the same module-scoped server; each
 must get its documented status and error code, and the last test checks that the server still
 serves a normal request afterwards. Two more tests run servers of their own: a client that
-stops reading a long stream is cut by ``request_timeout``, and SIGTERM lets a running stream
+stops reading a long stream is ended by ``request_timeout``, and SIGTERM lets a running stream
 finish before the process exits.
 """
 
@@ -69,6 +69,9 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         models,
         tmp,
         api_keys=[API_KEY],
+        # Dozens of deliberate 401s come from this one address; the lockout after failed keys
+        # has tests of its own (test_hardening_http.py).
+        auth_failures_per_minute=1000,
         cors_origins=[ALLOWED_ORIGIN],
         default_model="tiny",
         max_body_bytes=MAX_BODY,
@@ -481,14 +484,9 @@ def test_a_reader_that_stalls_is_cut_by_the_request_timeout(
             assert chunk, "the server closed the stream before its end"
             received += chunk
     assert received.startswith(b"HTTP/1.1 200")
-    errors = [
-        json.loads(line[len(b"data: ") :])
-        for line in received.split(b"\n")
-        if line.startswith(b'data: {"error"')
-    ]
-    assert len(errors) == 1
-    assert errors[0]["error"]["code"] == "generation_failed"
-    assert "time limit" in errors[0]["error"]["details"]
+    # The deadline ends the stream like max_tokens would: its text kept, "length", no error.
+    assert b'data: {"error"' not in received
+    assert b'"finish_reason":"length"' in received.replace(b" ", b"")
     assert b"data: [DONE]" in received
 
 

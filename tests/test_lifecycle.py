@@ -223,7 +223,8 @@ def test_pull_streams_progress_then_the_model_is_served_and_can_be_removed(
 ) -> None:
     data = write_tiny_gguf(tmp_path / "src.gguf", seed=42).read_bytes()
     mirror.state.files["/files/pulled-model.gguf"] = data
-    settings = isolated_settings(three_models, tmp_path)
+    # The mirror is on loopback, which pulls may reach only when allowed.
+    settings = isolated_settings(three_models, tmp_path, allow_private_pull=True)
     url = server_factory(settings)
     source = f"{mirror.url}/files/pulled-model.gguf"
     with httpx.stream("POST", f"{url}/api/pull", json={"model": source}, timeout=60) as resp:
@@ -323,7 +324,7 @@ async def test_a_failing_progress_observer_does_not_fail_the_load(
 def test_pull_without_stream_answers_with_the_error_status(
     three_models: Path, tmp_path: Path, server_factory: ServerFactory, mirror: MirrorServer
 ) -> None:
-    url = server_factory(isolated_settings(three_models, tmp_path))
+    url = server_factory(isolated_settings(three_models, tmp_path, allow_private_pull=True))
     source = f"{mirror.url}/files/absent.gguf"
     response = httpx.post(f"{url}/api/pull", json={"model": source, "stream": False}, timeout=30)
     assert response.status_code == 404

@@ -48,6 +48,7 @@ class Request:
     path: str
     range: str | None
     status: int = 0
+    if_range: str | None = None
 
 
 @dataclass
@@ -59,6 +60,9 @@ class MirrorState:
     broken_gets: int = 0  # GETs still to cut off after BREAK_AFTER bytes
     hf_etag: str | None = None  # instead of the real sha256
     hf_size: int | None = None  # instead of the real size
+    validators: bool = True  # send ETag and Last-Modified, and honour If-Range
+    redirects: dict[str, str] = field(default_factory=dict)  # URL path -> where it moved
+    no_length: bool = False  # announce no size (HEAD refused, GET without Content-Length)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def gets(self) -> list[Request]:
@@ -68,13 +72,13 @@ class MirrorState:
 class MirrorServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), MirrorHandler)
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), MirrorHandler)
         self.state = MirrorState()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
 
 class MirrorHandler(BaseHTTPRequestHandler):
@@ -92,10 +96,22 @@ class MirrorHandler(BaseHTTPRequestHandler):
 
     def _answer(self, *, send_body: bool) -> None:
         state = self.server.state
-        request = Request(self.command, self.path, self.headers.get("Range"))
+        request = Request(
+            self.command,
+            self.path,
+            self.headers.get("Range"),
+            if_range=self.headers.get("If-Range"),
+        )
         with state.lock:
             state.requests.append(request)
         path = urlsplit(self.path).path
+        if path in state.redirects:
+            request.status = 302
+            self.send_response(302)
+            self.send_header("Location", state.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         extra: dict[str, str] = {}
         hub = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
         if hub is not None:
@@ -117,8 +133,18 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if state.validators:
+            # A version tag of the content, as a static file server's ETag is of its file.
+            extra.setdefault("ETag", f'"{hashlib.sha256(body).hexdigest()[:16]}"')
+            extra["Last-Modified"] = "Mon, 01 Jan 2024 00:00:00 GMT"
+        if state.no_length:
+            self._answer_without_length(body, send_body=send_body)
+            return
         start, status = 0, 200
         wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range not in (extra.get("ETag"), extra.get("Last-Modified")):
+            wanted = None  # the file changed since: all of it (RFC 9110, 13.1.5)
         if wanted is not None and state.honour_range:
             start, status = int(wanted[1]), 206
             if start >= len(body):
@@ -148,6 +174,18 @@ class MirrorHandler(BaseHTTPRequestHandler):
             return
         self.wfile.write(body[start:])
 
+    def _answer_without_length(self, body: bytes, *, send_body: bool) -> None:
+        if not send_body:
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Connection", "close")  # the end of the body is the end of it
+        self.end_headers()
+        self.close_connection = True
+        self.wfile.write(body)
+
 
 @pytest.fixture
 def hub(mirror: MirrorServer, monkeypatch: pytest.MonkeyPatch) -> MirrorServer:
@@ -166,6 +204,7 @@ def settings(tmp_path: Path) -> Settings:
         model_paths=[],
         scan_user_caches=False,
         starter_model=False,
+        allow_private_pull=True,  # the mirror is on loopback
     )
 
 
@@ -296,7 +335,8 @@ async def test_an_interrupted_pull_is_continued_by_the_next_pull(
     assert "pull again" in first[-1]["error"]["message"]
     partial = settings.models_dir / "tiny.gguf.partial"
     assert partial.read_bytes() == tiny_model_bytes[:BREAK_AFTER]
-    assert folder_listing(settings.models_dir) == ["tiny.gguf.partial"]  # lock released
+    # The lock is released; the validators of what the partial file holds are kept.
+    assert folder_listing(settings.models_dir) == ["tiny.gguf.partial", "tiny.gguf.partial.json"]
     assert discover_models(settings) == []  # half a model is never listed
 
     second = await collect(pull_model(source, settings))
@@ -311,13 +351,29 @@ async def test_a_server_that_ignores_range_restarts_from_zero(
     mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
 ) -> None:
     mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
+    mirror.state.broken_gets = 1
+    source = f"{mirror.url}/files/tiny.gguf"
+    assert (await collect(pull_model(source, settings, attempts=1)))[-1]["status"] == "error"
     mirror.state.honour_range = False
+    events = await collect(pull_model(source, settings))
+    assert events[-1]["status"] == "success"
+    assert [(r.range, r.status) for r in mirror.state.gets()] == [
+        (None, 200),
+        (f"bytes={BREAK_AFTER}-", 200),
+    ]
+    assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
+
+
+async def test_a_partial_file_without_validators_is_not_continued(
+    mirror: MirrorServer, settings: Settings, tiny_model_bytes: bytes
+) -> None:
+    mirror.state.files["/files/tiny.gguf"] = tiny_model_bytes
     settings.models_dir.mkdir()
-    # Wrong bytes: appending the rest of the file to them would give a corrupt model.
+    # Nothing says where these bytes came from: continuing them could glue two files together.
     (settings.models_dir / "tiny.gguf.partial").write_bytes(b"\xff" * 5000)
     events = await collect(pull_model(f"{mirror.url}/files/tiny.gguf", settings))
     assert events[-1]["status"] == "success"
-    assert [(r.range, r.status) for r in mirror.state.gets()] == [("bytes=5000-", 200)]
+    assert [(r.range, r.status) for r in mirror.state.gets()] == [(None, 200)]
     assert (settings.models_dir / "tiny.gguf").read_bytes() == tiny_model_bytes
 
 

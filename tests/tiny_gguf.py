@@ -61,7 +61,12 @@ def write_tiny_gguf(
     context_length: int = 4096,
     seed: int = 1234,
     name: str = "tiny-test-model",
+    head_count: int = N_HEAD,
+    head_count_kv: int = N_HEAD,
+    block_count: int = N_LAYER,
 ) -> Path:
+    """The model; the hyperparameters can be set to values no model has, for tests of how
+    such a file is refused (the tensors keep their real shapes)."""
     rng = np.random.default_rng(seed)
     tokens, types = vocabulary()
     n_vocab = len(tokens)
@@ -71,10 +76,10 @@ def write_tiny_gguf(
     writer.add_name(name)
     writer.add_context_length(context_length)
     writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
+    writer.add_block_count(block_count)
     writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD)
+    writer.add_head_count(head_count)
+    writer.add_head_count_kv(head_count_kv)
     writer.add_rope_dimension_count(N_EMBD // N_HEAD)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(0)  # all F32

@@ -30,6 +30,8 @@ from shimmy.api.access_log import AccessLogMiddleware
 from shimmy.api.admin import routes as admin
 from shimmy.api.admin import system
 from shimmy.api.anthropic import routes as anthropic
+from shimmy.api.auth_failures import AuthFailureMiddleware
+from shimmy.api.body_rate import BodyRateMiddleware
 from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
 from shimmy.api.openai import routes as openai
@@ -103,7 +105,11 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = errors.error_response(self._too_large(), HTTPConnection(scope))
+            # The body is not read: the connection ends after the answer (lingering, so that
+            # a client still sending it gets to read the 413).
+            response = errors.error_response(
+                self._too_large(), HTTPConnection(scope), {"Connection": "close"}
+            )
             await response(scope, receive, send)
             return
         received = 0
@@ -183,8 +189,12 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             # preflights answered without a key); failed key checks still cost a token.
             Middleware(HostOriginMiddleware, settings=settings),
             Middleware(RateLimitMiddleware, settings=settings, access=access),
+            Middleware(AuthFailureMiddleware, settings=settings, access=access),
             Middleware(ApiKeyMiddleware, settings=settings, access=access),
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+            Middleware(
+                BodyRateMiddleware, grace=settings.body_timeout, min_rate=settings.body_min_rate
+            ),
         ],
         exception_handlers={
             ShimmyError: errors.handle_shimmy_error,

@@ -103,6 +103,14 @@ class TokenBucketLimiter:
             retry_after=0.0 if allowed else (1.0 - tightest.tokens) / self.rate,
         )
 
+    def wait(self, identity: str) -> float:
+        """Seconds until ``identity`` has a token; 0 when it has one now. Takes nothing, and
+        keeps no bucket for an identity that has never taken a token."""
+        if identity not in self._buckets:
+            return 0.0
+        bucket = self._refilled(identity, self.clock())
+        return 0.0 if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) / self.rate
+
     def _refilled(self, identity: str, now: float) -> Bucket:
         bucket = self._buckets.get(identity)
         if bucket is None:

@@ -127,9 +127,16 @@ def pull(
     source: Annotated[
         str, typer.Argument(help="hf://OWNER/REPO/FILE.gguf, or an http(s):// URL of a .gguf")
     ],
+    allow_private_pull: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-pull",
+            help="Allow loopback, private and link-local addresses and plain http (a mirror)",
+        ),
+    ] = False,
 ) -> None:
     """Download a model into shimmy's models folder (resumable, verified)."""
-    settings = build_settings(common)
+    settings = build_settings(common, allow_private_pull=True if allow_private_pull else None)
     model_id = pull_with_progress(source, settings, Console(stderr=True))
     tell(f"pulled {model_id} into {settings.models_dir}")
     write_stdout(model_id + "\n")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from shimmy import __version__
+from shimmy.api.admin.gate import model_admin_refusal
 from shimmy.api.security import insecure_bind_warning, keys_configured, load_api_keys
 from shimmy.cli.options import (
     CommonOptions,
@@ -144,6 +145,31 @@ def serve(
     no_web_ui: Annotated[
         bool, typer.Option("--no-web-ui", help="Do not serve the chat page at /")
     ] = False,
+    forwarded_allow_ips: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--forwarded-allow-ips",
+            metavar="ADDRESS",
+            help="Proxy whose X-Forwarded-For is believed (repeatable; default: none)",
+        ),
+    ] = None,
+    allow_private_pull: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-pull",
+            help="Let /api/pull reach loopback, private and link-local addresses",
+        ),
+    ] = False,
+    open_model_admin: Annotated[
+        bool,
+        typer.Option(
+            "--open-model-admin",
+            help="Serve /api/pull and DELETE /api/models on a public bind without a key",
+        ),
+    ] = False,
+    max_connections: Annotated[
+        int | None, typer.Option("--max-connections", help="Open connections at most")
+    ] = None,
     graceful_timeout: Annotated[
         int,
         typer.Option(
@@ -166,6 +192,10 @@ def serve(
         rate_limit=rate_limit,
         rate_burst=rate_burst,
         web_ui=False if no_web_ui else None,
+        forwarded_allow_ips=forwarded_allow_ips or None,
+        allow_private_pull=True if allow_private_pull else None,
+        open_model_admin=True if open_model_admin else None,
+        max_connections=max_connections,
     )
     load_api_keys(settings)  # an unreadable or empty key file stops here, with one line
     registry = discovered_registry(settings)
@@ -178,17 +208,20 @@ def serve(
     warning = insecure_bind_warning(settings)
     if warning:
         tell(f"warning: {warning}")
+    refusal = model_admin_refusal(settings)
+    if refusal is not None:
+        tell(f"note: {refusal.details}")
     import uvicorn
 
     from shimmy.api.app import create_app
+    from shimmy.server.config import server_config
 
-    config = uvicorn.Config(
+    config = server_config(
         create_app(settings, registry),
+        settings,
         log_config=None,  # keep our stderr handler and format for uvicorn's loggers too
         log_level=settings.log_level,
         lifespan="on",
-        ws="auto",  # websockets' sans-I/O protocol where available: the legacy one is deprecated
-        server_header=False,
         access_log=False,  # shimmy.access logs one line per request, with model and tokens
         timeout_graceful_shutdown=graceful_timeout,
     )

@@ -383,14 +383,10 @@ class Scheduler:
                 self._release(slot)
                 job.stream.push(Finished("cancelled", usage))
             elif now > job.deadline:
+                # The deadline ends the answer the way max_tokens does: what was generated is
+                # kept and sent, finishing as "length", rather than thrown away in an error.
                 self.counters["requests_timed_out"] += 1
-                self._release(
-                    slot,
-                    error=GenerationFailed(
-                        f"the request exceeded the server's {self.settings.request_timeout:g}s "
-                        "time limit"
-                    ),
-                )
+                self._finish(slot, "length")
 
     def _fail_everything(self, error: ShimmyError) -> None:
         for slot in self._slots:

@@ -22,6 +22,7 @@ from pathlib import Path
 from shimmy.errors import ModelUnusable
 from shimmy.models.entry import ModelEntry
 from shimmy.models.gguf_info import GGUFInfo, read_gguf_info
+from shimmy.models.pull_records import is_verified
 from shimmy.models.starter import ensure_starter_model
 from shimmy.settings import Settings
 
@@ -353,6 +354,7 @@ def _make_entry(candidate: _Candidate, model_id: str) -> ModelEntry:
     entry.eos_token = info.eos_token
     entry.kv_bytes_per_token = info.kv_bytes_per_token
     entry.description = describe(info.architecture, parameter_count, info.quantization)
+    entry.verified = all(is_verified(shard) for shard in shards)
     return entry
 
 

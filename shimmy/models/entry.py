@@ -25,6 +25,7 @@ class ModelEntry:
     kv_bytes_per_token: int | None = None
     shards: list[Path] = field(default_factory=list)
     error: str | None = None  # why the file cannot be served; None when usable
+    verified: bool = False  # pulled and matched the checksum its source published
 
     @property
     def usable(self) -> bool:
@@ -45,6 +46,7 @@ class ModelEntry:
             "loaded": loaded,
             "source": self.source,
             "usable": self.usable,
+            "verified": self.verified,
         }
         if self.error is not None:
             data["error"] = self.error

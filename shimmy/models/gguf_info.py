@@ -21,6 +21,7 @@ from pathlib import Path
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from shimmy.errors import ModelUnusable
+from shimmy.models.gguf_hparams import check_hyperparameters
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -373,6 +374,8 @@ class _HeaderParser:
             architecture = architecture or ""
         else:
             self._check_is_a_model(architecture, tensor_count)
+            assert architecture is not None
+            check_hyperparameters(architecture, self.integer)
         assert architecture is not None
         file_type = self.integer("general.file_type")
         tokens = self.values.get(_TOKENS_KEY)

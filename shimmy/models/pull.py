@@ -6,8 +6,12 @@ and the CLI can draw a progress bar from them.
 
 Bytes go to ``<file>.partial`` (never ``*.gguf``, so discovery cannot list half a model) and are
 renamed into place only once the size, the sha256 (when the source publishes one) and the GGUF
-header have been checked. An interrupted pull leaves the partial file behind and the next one
-continues it with an HTTP Range request. ``<file>.lock`` (flock, ``pull_lock``) keeps two pulls
+header have been checked (``pull_checks``). An interrupted pull leaves the partial file behind
+and the next one continues it with an HTTP Range request, guarded by ``If-Range`` with the
+validators kept in ``<file>.partial.json`` (``pull_records``): a file that changed upstream is
+downloaded again from its first byte. Where a pull may connect is ``pull_policy``'s business
+(public https by default). A full disk ends the pull as 507 and removes the partial file.
+``<file>.lock`` (flock, ``pull_lock``) keeps two pulls
 of one file apart; ``<file>.verified`` remembers what a finished file is and where it came from,
 so pulling it again is a no-op and a different file of the same name is never overwritten.
 
@@ -18,21 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
+import errno
 import logging
 import os
 import re
 import shutil
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import httpx
 
-from shimmy.errors import Conflict, ModelUnusable, ServerError, ShimmyError, UpstreamFailed
+from shimmy.errors import ServerError, ShimmyError, UpstreamFailed
 from shimmy.models.discovery import SHARD_PATTERN, discover_models, normalize_model_id
-from shimmy.models.gguf_info import human_size, read_gguf_info
+from shimmy.models.gguf_info import human_size
+from shimmy.models.pull_checks import (
+    continuable,
+    discard_partial,
+    matches_existing,
+    move_into_place,
+    verify,
+)
 from shimmy.models.pull_events import (
     PULL_ERROR_STATUS,
     DownloadCorrupt,
@@ -47,6 +57,13 @@ from shimmy.models.pull_events import (
     PullWaiting,
 )
 from shimmy.models.pull_lock import LOCK_SUFFIX, TargetLock, pull_in_progress
+from shimmy.models.pull_policy import GuardedTransport
+from shimmy.models.pull_records import (
+    RESUME_SUFFIX,
+    Validators,
+    read_validators,
+    write_validators,
+)
 from shimmy.models.pull_remote import (
     PARTIAL_SUFFIX,
     VERIFIED_SUFFIX,
@@ -63,6 +80,7 @@ __all__ = [
     "LOCK_SUFFIX",
     "PARTIAL_SUFFIX",
     "PULL_ERROR_STATUS",
+    "RESUME_SUFFIX",
     "SIDE_FILE_SUFFIXES",
     "VERIFIED_SUFFIX",
     "ProgressThrottle",
@@ -80,13 +98,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIDE_FILE_SUFFIXES = (PARTIAL_SUFFIX, LOCK_SUFFIX, VERIFIED_SUFFIX)
+SIDE_FILE_SUFFIXES = (PARTIAL_SUFFIX, RESUME_SUFFIX, LOCK_SUFFIX, VERIFIED_SUFFIX)
+# A full disk or quota: the pull cannot go on, and its partial file is only in the way.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 DOWNLOAD_ATTEMPTS = 3  # per file, resuming from what arrived
 RETRY_DELAY = 1.0  # seconds, times the attempt number
 WRITE_BUFFER_BYTES = 1 << 20
 HASH_BLOCK_BYTES = 1 << 20
-MAX_VERIFIED_RECORD_BYTES = 1 << 16
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=15.0)
 GGUF_MAGIC = b"GGUF"
 
@@ -114,7 +133,8 @@ async def pull_model(
     except ShimmyError as exc:
         yield PullError.of(exc)
     except httpx.HTTPError as exc:  # e.g. too many redirects, an unsupported redirect target
-        yield PullError.of(UpstreamFailed(f"downloading {parsed.filename} failed: {exc}"))
+        logger.info("pull of %s failed: %s", parsed.text, exc)
+        yield PullError.of(UpstreamFailed(f"downloading {parsed.filename} failed"))
     except OSError as exc:
         logger.warning("pull of %s failed: %s", parsed.text, exc)
         yield PullError.of(ServerError(f"file system error: {exc.strerror or exc}"))
@@ -129,12 +149,19 @@ async def pull_model(
 async def _pull_locked(
     source: PullSource, settings: Settings, models_dir: Path, attempts: int
 ) -> AsyncIterator[PullEvent]:
-    async with httpx.AsyncClient(follow_redirects=True, timeout=HTTP_TIMEOUT) as client:
-        files = [await describe(client, part, models_dir) for part in source.parts()]
+    transport = GuardedTransport(allow_private=settings.allow_private_pull)
+    async with httpx.AsyncClient(
+        follow_redirects=True, timeout=HTTP_TIMEOUT, transport=transport
+    ) as client:
+        allow_private = settings.allow_private_pull
+        files = [
+            await describe(client, part, models_dir, allow_private=allow_private)
+            for part in source.parts()
+        ]
         for remote in files:
             if remote.target.exists():
                 yield PullVerifying()
-                remote.present = await _matches_existing(remote)
+                remote.present = await matches_existing(remote)
         pending = [remote for remote in files if not remote.present]
         _check_free_space(models_dir, pending)
         progress = ProgressCounter(
@@ -149,10 +176,10 @@ async def _pull_locked(
                 yield final
     if pending:
         yield PullVerifying()
-    digests = [await _verify(remote, first=remote is files[0]) for remote in pending]
+    digests = [await verify(remote, first=remote is files[0]) for remote in pending]
     # Only now, with every part checked, do the files become visible to discovery.
     for remote, digest in zip(pending, digests, strict=True):
-        _move_into_place(remote, digest)
+        move_into_place(remote, digest)
     model_id = await asyncio.to_thread(_model_id_for, files[0].target, settings)
     yield PullSuccess(model_id, str(files[0].target))
 
@@ -187,10 +214,19 @@ async def _download(
                 yield event
             return
         except DownloadCorrupt:
-            remote.partial.unlink(missing_ok=True)
+            discard_partial(remote)
             raise
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            discard_partial(remote)
+            raise InsufficientStorage(
+                f"the disk of {remote.partial.parent} filled up while downloading"
+                f" {remote.source.filename}; the partial file was removed",
+            ) from exc
         except (_Retry, httpx.TransportError) as exc:
-            reason = str(exc) or type(exc).__name__
+            # Which transport error it was (refused, reset, timed out) stays in the log.
+            reason = str(exc) if isinstance(exc, _Retry) else "the connection failed"
             if attempt == attempts:
                 raise UpstreamFailed(
                     f"downloading {remote.source.filename} failed after {attempts} attempt(s):"
@@ -205,6 +241,9 @@ async def _download_once(
 ) -> AsyncIterator[PullProgress]:
     name = remote.source.filename
     offset = _file_size(remote.partial)
+    kept = read_validators(remote.resume) if offset else None
+    if offset and not continuable(remote, kept):
+        offset = _truncate(remote.partial)  # no telling whether it is the same file upstream
     if remote.size is not None and offset > remote.size:
         offset = _truncate(remote.partial)  # left over from another version of the file
     progress.done[index] = offset
@@ -213,6 +252,10 @@ async def _download_once(
     headers = {**remote.headers, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        validator = kept.if_range() if kept is not None else None
+        if validator is not None:
+            # A server whose file changed answers 200 with all of the new one: start over.
+            headers["If-Range"] = validator
     async with client.stream("GET", remote.url, headers=headers) as response:
         status = response.status_code
         if status == 416 and offset:
@@ -223,10 +266,14 @@ async def _download_once(
         if not response.is_success:
             raise http_failure(remote, status)
         if offset and status != 206:
-            offset = _truncate(remote.partial)  # the server ignored Range and sends it all
+            offset = _truncate(remote.partial)  # a changed file, or Range ignored: all of it
         elif offset and _content_range_start(response) != offset:
             _truncate(remote.partial)
             raise _Retry("the server answered the Range request with other bytes")
+        if not offset:
+            await asyncio.to_thread(
+                write_validators, remote.resume, Validators.of(remote.url, response)
+            )
         progress.done[index] = offset
         _learn_size(remote, response, offset, progress, index)
         event = progress.event(name)
@@ -281,104 +328,6 @@ def _content_range_start(response: httpx.Response) -> int | None:
     return None if match is None else int(match[1])
 
 
-# --- checks and the final move ---------------------------------------------------------------
-
-
-async def _verify(remote: RemoteFile, *, first: bool) -> str:
-    """The sha256 of the downloaded ``remote.partial``, after checking its size, published
-    checksum and GGUF header. A bad file is deleted."""
-    path = remote.partial
-    try:
-        actual = path.stat().st_size
-        if remote.size is not None and actual != remote.size:
-            raise DownloadCorrupt(
-                f"{remote.source.filename} is {actual} bytes; the source says {remote.size}",
-            )
-        digest = await asyncio.to_thread(_sha256_of, path)
-        if remote.sha256 is not None and digest != remote.sha256:
-            raise DownloadCorrupt(
-                f"{remote.source.filename} does not match its published sha256"
-                f" (expected {remote.sha256}, got {digest})",
-            )
-        await asyncio.to_thread(_check_gguf, path, remote.source.filename, first)
-    except ShimmyError:
-        path.unlink(missing_ok=True)
-        raise
-    return digest
-
-
-def _check_gguf(path: Path, filename: str, first: bool) -> None:
-    try:
-        if first:
-            read_gguf_info(path)
-            return
-        # Later parts of a split model carry tensors but not the model's metadata.
-        with open(path, "rb") as file:
-            if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-                raise ModelUnusable("not a GGUF file")
-    except ModelUnusable as exc:
-        raise ModelUnusable(
-            f"the downloaded {filename} is not a usable GGUF model: {exc.details}"
-        ) from exc
-
-
-async def _matches_existing(remote: RemoteFile) -> bool:
-    """Whether the file already in place is the one asked for; ``already_exists`` when it is
-    something else, which is never overwritten."""
-    if not remote.target.is_file():
-        raise Conflict(f"{remote.target} exists and is not a file")
-    record = _read_verified_record(remote)
-    if remote.sha256 is not None:
-        existing = (
-            str(record["sha256"])
-            if record is not None
-            else await asyncio.to_thread(_sha256_of, remote.target)
-        )
-        if existing == remote.sha256:
-            return True
-    elif (
-        record is not None
-        and record.get("source") == remote.source.text
-        and remote.size in (None, record.get("size"))
-    ):
-        return True
-    raise Conflict(
-        f"{remote.target.name} already exists in {remote.target.parent} with other content;"
-        " remove it first",
-    )
-
-
-def _move_into_place(remote: RemoteFile, digest: str) -> None:
-    if os.path.lexists(remote.target):
-        raise Conflict(f"{remote.target.name} appeared while downloading")
-    os.replace(remote.partial, remote.target)
-    stat = remote.target.stat()
-    record = {
-        "source": remote.source.text,
-        "sha256": digest,
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-    }
-    with open(remote.verified, "w", encoding="utf-8", opener=_no_follow) as file:
-        json.dump(record, file)
-
-
-def _read_verified_record(remote: RemoteFile) -> dict[str, Any] | None:
-    """What ``_move_into_place`` wrote, if it still describes the file (same size and mtime)."""
-    try:
-        if remote.verified.stat().st_size > MAX_VERIFIED_RECORD_BYTES:
-            return None
-        record = json.loads(remote.verified.read_text(encoding="utf-8"))
-        stat = remote.target.stat()
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        return None
-    if record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns:
-        return None
-    return record
-
-
 def _model_id_for(target: Path, settings: Settings) -> str:
     """The id discovery gives the new file (it may carry a -2 suffix when a model elsewhere
     already has the name)."""
@@ -414,11 +363,3 @@ def _truncate(path: Path) -> int:
 def _flush_to_disk(file: IO[bytes]) -> None:
     file.flush()
     os.fsync(file.fileno())
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()

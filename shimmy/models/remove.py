@@ -15,6 +15,7 @@ from shimmy.models.entry import ModelEntry
 from shimmy.models.pull import (
     LOCK_SUFFIX,
     PARTIAL_SUFFIX,
+    RESUME_SUFFIX,
     VERIFIED_SUFFIX,
     pull_in_progress,
 )
@@ -24,10 +25,10 @@ from shimmy.settings import Settings
 
 def remove_model_files(entry: ModelEntry, settings: Settings) -> list[Path]:
     """Delete every file of ``entry`` (all shards; for a symlink, the link and its target) and
-    its stale side files (``.partial``, ``.verified``, an abandoned ``.lock``). Every path is
-    checked before anything is deleted. Returns the paths deleted; files already gone are
-    skipped, so removing twice is harmless. Unload the model first: deleting does not free
-    memory a loaded engine maps."""
+    its stale side files (``.partial``, ``.partial.json``, ``.verified``, an abandoned
+    ``.lock``). Every path is checked before anything is deleted. Returns the paths deleted;
+    files already gone are skipped, so removing twice is harmless. Unload the model first:
+    deleting does not free memory a loaded engine maps."""
     models_dir = settings.models_dir.expanduser().absolute()
     model_files = entry.shards or [entry.path]
     # A pull locks a split model through its first part; it owns the side files meanwhile.
@@ -49,7 +50,7 @@ def remove_model_files(entry: ModelEntry, settings: Settings) -> list[Path]:
     return removed
 
 
-_SIDE_SUFFIXES = (PARTIAL_SUFFIX, VERIFIED_SUFFIX, LOCK_SUFFIX)
+_SIDE_SUFFIXES = (PARTIAL_SUFFIX, RESUME_SUFFIX, VERIFIED_SUFFIX, LOCK_SUFFIX)
 
 
 def _inside_or_forbidden(entry: ModelEntry, models_dir: Path, path: Path) -> Path:

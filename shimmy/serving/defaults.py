@@ -6,6 +6,12 @@ its clients were written against: OpenAI's clients tune against OpenAI (temperat
 16 tokens for the legacy completions endpoint), LocalLab's against LocalLab's server.
 Anthropic's Messages API samples with temperature 1 and neither top-p nor top-k unless asked,
 and has no default length (``max_tokens`` is required, as Anthropic requires it).
+
+Every dialect has a finite ``max_tokens``. Clients that leave it out (LangChain's and Open
+WebUI's default) on a model that rarely stops would otherwise run to the server's cap and then
+into ``request_timeout``. The dialects whose own servers set no limit (OpenAI chat, LocalLab)
+take the server's ``open_max_tokens`` setting, ``OPEN_ENDED_MAX_TOKENS`` unless configured:
+long enough for any chat answer, short enough to end within minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ class Dialect(StrEnum):
 
 @dataclass(frozen=True)
 class DialectDefaults:
-    # None: up to the server's cap (``max_tokens_cap``), which the context still bounds.
+    # None: the server's ``open_max_tokens`` setting, never unbounded. Whichever it is, it is
+    # still clamped to the server's cap (``max_tokens_cap``) and to the context.
     max_tokens: int | None
     temperature: float = 0.7
     top_p: float = 0.9
@@ -47,6 +54,8 @@ class DialectDefaults:
             "repetition_penalty": self.repetition_penalty,
         }
 
+
+OPEN_ENDED_MAX_TOKENS = 2048  # the default of Settings.open_max_tokens
 
 DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
     {

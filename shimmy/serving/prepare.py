@@ -163,7 +163,7 @@ def _max_tokens(
     if chosen is None:
         chosen = DEFAULTS[dialect].max_tokens
     if chosen is None:
-        return settings.max_tokens_cap
+        chosen = settings.open_max_tokens
     return min(int(chosen), settings.max_tokens_cap)
 
 

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
+from shimmy.api.admin.gate import check_model_admin
 from shimmy.api.admin.protocol import (
     DeleteResult,
     LoadedModels,
@@ -123,6 +124,7 @@ async def rediscover(request: Request) -> Response:
 async def delete_model(request: Request) -> Response:
     registry = _registry(request)
     settings = request.app.state.settings
+    check_model_admin(settings)
     model_id = validate_model_id(request.path_params["id"], param="id")
     # Not resolve(): a broken file must be deletable, and "default" must never alias here.
     entry = next((e for e in registry.entries if e.id == model_id), None)
@@ -137,6 +139,7 @@ async def delete_model(request: Request) -> Response:
 async def pull(request: Request) -> Response:
     registry = _registry(request)
     settings = request.app.state.settings
+    check_model_admin(settings)
     body = await _optional_body(request)
     source = parse_source(body.get("model"), param="model")
     stream = body.get("stream", True)
@@ -222,7 +225,11 @@ routes: list[BaseRoute] = [
         summary="Delete a model's files from shimmy's own models folder",
         response=DeleteResult,
         response_description="The files removed",
-        errors={**BAD_REQUEST, 403: "Not shimmy's own file", 404: "No such model"},
+        errors={
+            **BAD_REQUEST,
+            403: "Not shimmy's own file, or model admin is off (public bind without a key)",
+            404: "No such model",
+        },
         tags=TAGS,
     ),
     api_route(
@@ -238,7 +245,7 @@ routes: list[BaseRoute] = [
         response_description="Progress events (NDJSON), or the last event when stream is false",
         errors={
             **BAD_REQUEST,
-            403: "The source is refused (code `forbidden`)",
+            403: "The source is refused, or model admin is off (code `forbidden`)",
             404: "No such file at the source (code `not_found`)",
             409: "A different file of that name exists (code `already_exists`)",
             422: "The download is not a usable model (code `model_unusable`)",

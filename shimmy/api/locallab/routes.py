@@ -4,8 +4,8 @@ LocalLab serves one "current" model. Here that is the model last loaded through
 ``POST /models/load``, else the most recently used loaded model; ``GET /models/current`` is a
 404 while there is neither. Generation uses the current model, else the default model;
 ``model_id`` in a request picks another. Its sampling defaults (top_k 80, repetition penalty
-1.15, max_length up to the server's cap) apply to fields a request leaves out, unless the
-model's config file sets its own. ``do_sample: false`` means greedy decoding.
+1.15, max_length the server's ``open_max_tokens``, 2048) apply to fields a request leaves out,
+unless the model's config file sets its own. ``do_sample: false`` means greedy decoding.
 
 Streams follow what LocalLab's official Python client (``locallab-client``) parses:
 

@@ -184,6 +184,10 @@ class ModelInfo(ResponseModel):
     loaded: bool
     source: str
     usable: bool
+    verified: bool = Field(
+        description="Pulled, and matched a checksum its source published (false for files "
+        "pulled without one and for files shimmy did not download)"
+    )
     error: str | SkipJsonSchema[None] = Field(None, description="Why the file cannot be served")
 
 

@@ -120,7 +120,7 @@ _LOCALLAB_FIELD_NOTES = {
     "model_id": "Also accepted as 'model'. Default: the current model (the last one loaded "
     "through /models/load, else the most recently used, else the default model)",
     "max_length": "Also accepted as 'max_tokens' and 'max_new_tokens'. Default: the model's "
-    "configured max_tokens, else the server's cap",
+    "configured max_tokens, else the server's open_max_tokens (2048 unless configured)",
     "do_sample": "false: greedy decoding (temperature 0)",
     "max_time": "Seconds after which the generation stops; its text so far is the answer",
     "system_prompt": "A system prompt in front of the prompt or messages",
