@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(11435, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    ollama: str | None = Field(
+        None,
+        description="Also serve Ollama's API on this HOST:PORT (`serve --ollama`; Ollama's "
+        "clients expect 127.0.0.1:11434)",
+    )
 
     # --- models ----------------------------------------------------------------------------
     model_paths: Annotated[list[Path], NoDecode] = Field(

@@ -31,8 +31,10 @@ from shimmy.api.admin import routes as admin
 from shimmy.api.admin import system
 from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
+from shimmy.api.ollama import routes as ollama
 from shimmy.api.openai import routes as openai
 from shimmy.api.ratelimit import RateLimitMiddleware
+from shimmy.api.rkllama import routes as rkllama
 from shimmy.api.routing import RouteAccess
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.api.ws import routes as ws
@@ -142,6 +144,10 @@ def route_table(settings: Settings) -> list[BaseRoute]:
         *system.routes,
         *metrics.routes,
         *locallab.routes,
+        # Ollama's and RKLLama's paths collide with the native ones: each has its prefix
+        # (and Ollama its own port too: shimmy.api.ollama.listener).
+        Mount("/ollama", routes=ollama.routes),
+        Mount("/rkllama", routes=rkllama.routes),
         *(web.routes if settings.web_ui else []),
     ]
 

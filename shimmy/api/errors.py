@@ -31,6 +31,8 @@ from shimmy.errors import (
 logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1"
+# Ollama's and RKLLama's clients read a bare message: ``{"error": "..."}``.
+FLAT_ERROR_PREFIXES = ("/ollama", "/rkllama")
 
 # How many pydantic errors one response lists; a huge invalid body must not make a huge reply.
 _MAX_LISTED_ERRORS = 5
@@ -39,6 +41,19 @@ _MAX_DETAILS_CHARS = 1000
 
 def is_openai_path(path: str) -> bool:
     return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def has_flat_errors(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in FLAT_ERROR_PREFIXES)
+
+
+def error_message(err: ShimmyError) -> str:
+    """The message and its details in one line, for dialects that show a single string."""
+    return f"{err.message}: {err.details}" if err.details else err.message
+
+
+def flat_error_body(err: ShimmyError) -> dict[str, Any]:
+    return {"error": error_message(err)}
 
 
 def native_error_body(err: ShimmyError) -> dict[str, Any]:
@@ -85,7 +100,13 @@ def error_response(
     err: ShimmyError, request: HTTPConnection, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The HTTP response for ``err``, in the dialect of the path that was requested."""
-    body = openai_error_body(err) if is_openai_path(request.url.path) else native_error_body(err)
+    path = request.url.path
+    if is_openai_path(path):
+        body = openai_error_body(err)
+    elif has_flat_errors(path):
+        body = flat_error_body(err)
+    else:
+        body = native_error_body(err)
     all_headers = {**_retry_after_header(err), **(headers or {})}
     return JSONResponse(body, status_code=err.status, headers=all_headers)
 
