@@ -1,8 +1,9 @@
-"""A second name for a model: its file(s) once more in shimmy's models folder.
+"""A second name for a model: a copy of its file(s) in shimmy's models folder.
 
-The new files are hard links wherever the file system allows one (no bytes are copied, as an
-Ollama copy shares its blobs), and a real copy elsewhere. Either way the copy is a model of
-its own: deleting one leaves the other whole.
+Ollama's copies share their blobs; here the bytes are copied, because discovery lists a file
+once however many names (hard links) it has. The copy is a model of its own: deleting either
+leaves the other whole. Bytes go to a hidden temporary file first and get their name only when
+complete, so discovery never sees half a model, and nothing that exists is ever replaced.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from shimmy.errors import Conflict
@@ -17,6 +19,8 @@ from shimmy.models.discovery import SHARD_PATTERN
 from shimmy.models.entry import ModelEntry
 from shimmy.models.safepath import GGUF_SUFFIX, resolve_inside, validate_model_id
 from shimmy.settings import Settings
+
+COPY_BUFFER_BYTES = 1 << 20
 
 
 def _target_names(entry: ModelEntry, new_id: str) -> list[str]:
@@ -34,22 +38,21 @@ def _target_names(entry: ModelEntry, new_id: str) -> list[str]:
 def copy_model_files(
     entry: ModelEntry, new_id: str, settings: Settings, *, param: str = "destination"
 ) -> list[Path]:
-    """Put ``entry``'s files into ``settings.models_dir`` under the id ``new_id``; nothing
-    that exists is ever replaced. Returns the new files."""
+    """Copy ``entry``'s files into ``settings.models_dir`` as the model ``new_id``. Returns
+    the new files; ``Conflict`` when one of them exists already."""
     validate_model_id(new_id, param=param)
     models_dir = settings.models_dir.expanduser().absolute()
     models_dir.mkdir(parents=True, exist_ok=True)
-    sources = [path.resolve() for path in entry.shards or [entry.path]]
-    targets = [
-        resolve_inside(models_dir, name, param=param) for name in _target_names(entry, new_id)
-    ]
+    names = _target_names(entry, new_id)
+    targets = [resolve_inside(models_dir, name, param=param) for name in names]
     for target in targets:
         if os.path.lexists(target):
             raise Conflict(f"{target.name} already exists in the models folder", param=param)
     made: list[Path] = []
     try:
-        for source, target in zip(sources, targets, strict=True):
-            _place(source, target, made, param)
+        for source, target in zip(entry.shards or [entry.path], targets, strict=True):
+            _copy_one(source, target, param)
+            made.append(target)
     except BaseException:
         for path in made:
             with contextlib.suppress(OSError):
@@ -58,21 +61,18 @@ def copy_model_files(
     return made
 
 
-def _place(source: Path, target: Path, made: list[Path], param: str) -> None:
-    """Link (or copy) ``source`` to ``target``; ``made`` gets ``target`` as soon as it is ours."""
+def _copy_one(source: Path, target: Path, param: str) -> None:
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".copy")
     try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, COPY_BUFFER_BYTES)
         try:
-            os.link(source, target)
+            # A link, not a rename: it fails instead of replacing a file that appeared meanwhile.
+            os.link(temporary, target)
         except FileExistsError:
-            raise
-        except OSError:
-            # Another file system, or one without links: copy the bytes.
-            with open(target, "xb") as out:
-                made.append(target)
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            return
-    except FileExistsError:
-        # Appeared since the check: someone else's file, never replaced nor removed.
-        raise Conflict(f"{target.name} already exists in the models folder", param=param) from None
-    made.append(target)
+            raise Conflict(
+                f"{target.name} already exists in the models folder", param=param
+            ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)

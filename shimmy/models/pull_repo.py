@@ -49,7 +49,10 @@ def parse_repo_name(text: str) -> RepoName | None:
 
 
 def _quant_pattern(quant: str) -> re.Pattern[str]:
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9])", re.IGNORECASE)
+    # Whole quantization names only: Q4_K is not Q4_K_M, Q4_0 is not IQ4_0.
+    return re.compile(
+        rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9]|_[A-Za-z0-9])", re.IGNORECASE
+    )
 
 
 def _candidates(paths: Iterable[str]) -> list[str]:

@@ -30,7 +30,7 @@ from shimmy.api.errors import error_message
 from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.ollama import gotemplate
 from shimmy.api.ollama.names import find_entry, rfc3339
-from shimmy.api.ollama.protocol import ChatRequest, GenerateRequest, Options
+from shimmy.api.ollama.protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
 from shimmy.api.protocol.common import parse_body
 from shimmy.api.routing import NDJSON
 from shimmy.api.sse import EventStreamResponse
@@ -216,7 +216,9 @@ async def fit(
     return dataclasses.replace(prepared, request=request)
 
 
-def _generate_input(body: GenerateRequest, options: Options, engine: Engine) -> GenerationInput:
+def _generate_input(
+    body: OllamaGenerateRequest, options: OllamaOptions, engine: Engine
+) -> GenerationInput:
     prompt = body.prompt or ""
     common: dict[str, Any] = {
         "sampling": options.sampling(engine.n_ctx),
@@ -235,7 +237,7 @@ def _generate_input(body: GenerateRequest, options: Options, engine: Engine) -> 
     return GenerationInput(messages=[Message("user", prompt)], system=body.system, **common)
 
 
-def _chat_input(body: ChatRequest, options: Options, engine: Engine) -> GenerationInput:
+def _chat_input(body: OllamaChatRequest, options: OllamaOptions, engine: Engine) -> GenerationInput:
     return GenerationInput(
         messages=[message.to_message() for message in body.messages],
         sampling=options.sampling(engine.n_ctx),
@@ -328,7 +330,12 @@ async def _run(
     num_ctx: int | None = None,
 ) -> _Answer:
     kind, name, clock = reply
-    prepared = await prepare(engine, given, Dialect.OLLAMA, settings_of(request))
+    try:
+        prepared = await prepare(engine, given, Dialect.OLLAMA, settings_of(request))
+    except InvalidRequest as err:
+        raise _in_ollama_terms(err) from None
+    if prepared.grammar_param == _FORMAT_PARAM:
+        prepared = dataclasses.replace(prepared, grammar_param="format")
     rendered = prepared.request.prompt
     prepared = await fit(engine, prepared, context=context, num_ctx=num_ctx)
     events = OllamaEvents(kind, name, prepared.tools, clock, given.logprobs is not None)
@@ -340,6 +347,16 @@ async def _run(
     if isinstance(rendered, str) and kind == "generate":
         answer.context_text = rendered
     return answer
+
+
+# What the serving layer calls Ollama's ``format`` (OpenAI's name for it).
+_FORMAT_PARAM = "response_format"
+
+
+def _in_ollama_terms(err: InvalidRequest) -> InvalidRequest:
+    if err.param != _FORMAT_PARAM:
+        return err
+    return err.copy_with(param="format", details=f"format: {err.details or err.message}")
 
 
 async def _engine(
@@ -355,7 +372,7 @@ async def _engine(
 
 async def generate(request: Request) -> Response:
     clock = Clock()
-    body = parse_body(GenerateRequest, await request.body())
+    body = parse_body(OllamaGenerateRequest, await request.body())
     body.check_raw()
     entry = find_entry(registry_of(request), body.model)
     check_abilities(body.model, body.think, bool(body.images))
@@ -380,7 +397,7 @@ async def generate(request: Request) -> Response:
 
 async def chat(request: Request) -> Response:
     clock = Clock()
-    body = parse_body(ChatRequest, await request.body())
+    body = parse_body(OllamaChatRequest, await request.body())
     entry = find_entry(registry_of(request), body.model)
     check_abilities(body.model, body.think, body.has_images())
     if not body.messages:

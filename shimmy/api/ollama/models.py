@@ -29,10 +29,10 @@ from shimmy.api.ollama.names import (
     rfc3339,
 )
 from shimmy.api.ollama.protocol import (
-    CopyRequest,
-    EmbeddingsRequest,
-    EmbedRequest,
-    ModelRequest,
+    OllamaCopyRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaModelRequest,
 )
 from shimmy.api.protocol.common import parse_body
 from shimmy.errors import Conflict, InvalidRequest
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 # The Ollama release whose API this one follows (clients compare it to their own).
 OLLAMA_VERSION = "0.12.0"
 # What Ollama reports as the expiry of a model kept loaded for good.
-FOREVER = 10_000 * 365 * 24 * 3600.0
+FOREVER = 300 * 365 * 24 * 3600.0
 CAPABILITIES = ["completion", "tools"]
 
 
@@ -97,7 +97,7 @@ def served_context(request: Request, entry: ModelEntry) -> int:
 
 
 async def show(request: Request) -> Response:
-    body = parse_body(ModelRequest, await request.body())
+    body = parse_body(OllamaModelRequest, await request.body())
     registry = registry_of(request)
     entry = find_entry(registry, body.model)
     context = served_context(request, entry)
@@ -156,7 +156,7 @@ async def ps(request: Request) -> Response:
 
 
 async def copy(request: Request) -> Response:
-    body = parse_body(CopyRequest, await request.body())
+    body = parse_body(OllamaCopyRequest, await request.body())
     registry = registry_of(request)
     entry = find_entry(registry, body.source)
     new_id = id_for_name(body.destination)
@@ -168,7 +168,7 @@ async def copy(request: Request) -> Response:
 
 
 async def delete(request: Request) -> Response:
-    body = parse_body(ModelRequest, await request.body())
+    body = parse_body(OllamaModelRequest, await request.body())
     registry = registry_of(request)
     entry = find_entry(registry, body.model)
     await registry.unload(entry.id)
@@ -203,7 +203,7 @@ async def _embed(request: Request, name: str, texts: list[str], keep_alive: floa
 
 
 async def embed(request: Request) -> Response:
-    body = parse_body(EmbedRequest, await request.body())
+    body = parse_body(OllamaEmbedRequest, await request.body())
     result, load, total = await _embed(request, body.model, body.texts(), body.keep_alive)
     return JSONResponse(
         {
@@ -217,7 +217,7 @@ async def embed(request: Request) -> Response:
 
 
 async def embeddings(request: Request) -> Response:
-    body = parse_body(EmbeddingsRequest, await request.body())
+    body = parse_body(OllamaEmbeddingsRequest, await request.body())
     if not body.prompt:
         # Ollama answers an empty prompt with an empty embedding (and only loads the model).
         find_entry(registry_of(request), body.model)

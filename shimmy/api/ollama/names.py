@@ -84,7 +84,8 @@ def find_entry(registry: ModelRegistry, name: str) -> ModelEntry:
     with contextlib.suppress(ModelNotFound):
         # "name:tag" as a file would have it: shimmy ids cannot hold ':' or '/'.
         return registry.resolve(re.sub(r"[:/]", "-", bare))
-    raise ModelNotFound(f"model '{name[:200]}' not found", message="Not found")
+    # Ollama's wording: its CLI offers to pull when the error says "not found".
+    raise ModelNotFound(message=f"model '{name[:200]}' not found")
 
 
 def id_for_name(name: str) -> str:

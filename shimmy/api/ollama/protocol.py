@@ -41,7 +41,7 @@ Format = Literal["", "json"] | dict[str, Any]
 Think = StrictBool | Literal["low", "medium", "high", "max"]
 
 
-class Options(WireModel):
+class OllamaOptions(WireModel):
     """The ``options`` that change what is generated; the rest are accepted and ignored."""
 
     num_predict: StrictInteger | None = Field(None, description="-1 (or any value < 1): no limit")
@@ -95,7 +95,7 @@ class _Generation(WireModel):
     model: ModelName
     stream: StrictBool | None = Field(None, description="Default true: NDJSON chunks")
     format: Format | None = None
-    options: Options | None = None
+    options: OllamaOptions | None = None
     keep_alive: KeepAlive = None
     think: Think | None = None
     logprobs: StrictBool | None = None
@@ -112,8 +112,8 @@ class _Generation(WireModel):
             return ResponseFormat("json_object")
         return ResponseFormat("json_schema", self.format)
 
-    def options_or_default(self) -> Options:
-        return self.options if self.options is not None else Options()
+    def options_or_default(self) -> OllamaOptions:
+        return self.options if self.options is not None else OllamaOptions()
 
     def logprobs_top_n(self) -> int | None:
         if not self.logprobs:
@@ -121,7 +121,7 @@ class _Generation(WireModel):
         return self.top_logprobs or 0
 
 
-class GenerateRequest(_Generation):
+class OllamaGenerateRequest(_Generation):
     """``POST /api/generate``."""
 
     prompt: StrictStr | None = None
@@ -140,21 +140,21 @@ class GenerateRequest(_Generation):
             )
 
 
-class ToolCallFunction(WireModel):
+class OllamaToolCallFunction(WireModel):
     name: StrictStr
     arguments: dict[str, Any] | StrictStr = Field(default_factory=dict)
 
 
-class ToolCall(WireModel):
+class OllamaToolCall(WireModel):
     id: StrictStr | None = None
-    function: ToolCallFunction
+    function: OllamaToolCallFunction
 
 
-class ChatMessage(WireModel):
+class OllamaChatMessage(WireModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: OptionalMessageContent = ""
     images: list[StrictStr] | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: StrictStr | None = None
     tool_call_id: StrictStr | None = None
     thinking: StrictStr | None = None
@@ -167,22 +167,22 @@ class ChatMessage(WireModel):
         return Message(self.role, self.content, calls, self.tool_call_id, self.tool_name)
 
 
-class FunctionDefinition(WireModel):
+class OllamaFunctionDefinition(WireModel):
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
     description: StrictStr | None = None
     parameters: dict[str, Any] | None = None
 
 
-class Tool(WireModel):
+class OllamaTool(WireModel):
     type: Literal["function"] = "function"
-    function: FunctionDefinition
+    function: OllamaFunctionDefinition
 
 
-class ChatRequest(_Generation):
+class OllamaChatRequest(_Generation):
     """``POST /api/chat``. Without messages, it only loads (or, with keep_alive 0, unloads)."""
 
-    messages: list[ChatMessage] = Field(default_factory=list)
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    messages: list[OllamaChatMessage] = Field(default_factory=list)
+    tools: Annotated[list[OllamaTool], Field(max_length=MAX_TOOLS)] | None = None
 
     def tool_specs(self) -> list[ToolSpec]:
         return [
@@ -197,37 +197,37 @@ class ChatRequest(_Generation):
         return any(message.images for message in self.messages)
 
 
-class EmbedRequest(WireModel):
+class OllamaEmbedRequest(WireModel):
     """``POST /api/embed``."""
 
     model: ModelName
     input: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_EMBED_INPUTS)]
     truncate: StrictBool | None = None
     dimensions: Annotated[StrictInteger, Field(ge=1)] | None = None
-    options: Options | None = None
+    options: OllamaOptions | None = None
     keep_alive: KeepAlive = None
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class EmbeddingsRequest(WireModel):
+class OllamaEmbeddingsRequest(WireModel):
     """``POST /api/embeddings``, the older single-text form."""
 
     model: ModelName
     prompt: StrictStr = ""
-    options: Options | None = None
+    options: OllamaOptions | None = None
     keep_alive: KeepAlive = None
 
 
-class ModelRequest(WireModel):
+class OllamaModelRequest(WireModel):
     """``POST /api/show`` and ``DELETE /api/delete``."""
 
     model: ModelName
     verbose: StrictBool | None = None
 
 
-class PullRequest(WireModel):
+class OllamaPullRequest(WireModel):
     """``POST /api/pull``: an Ollama-style ``hf.co/OWNER/REPO[:QUANT]`` or any source
     ``shimmy pull`` takes."""
 
@@ -236,7 +236,7 @@ class PullRequest(WireModel):
     stream: StrictBool | None = Field(None, description="Default true: NDJSON progress")
 
 
-class CopyRequest(WireModel):
+class OllamaCopyRequest(WireModel):
     """``POST /api/copy``."""
 
     source: NonEmptyStr

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from shimmy.api.context import registry_of, settings_of
 from shimmy.api.errors import error_message
 from shimmy.api.ollama.generation import ndjson_line
-from shimmy.api.ollama.protocol import PullRequest
+from shimmy.api.ollama.protocol import OllamaPullRequest
 from shimmy.api.protocol.common import parse_body
 from shimmy.api.routing import NDJSON
 from shimmy.api.sse import EventStreamResponse
@@ -75,7 +75,7 @@ def progress(event: PullEvent) -> list[dict[str, Any]]:
 
 
 async def pull(request: Request) -> Response:
-    body = parse_body(PullRequest, await request.body())
+    body = parse_body(OllamaPullRequest, await request.body())
     registry = registry_of(request)
     source = await source_for(body.model)
     events = pull_model(source, settings_of(request))

@@ -12,7 +12,7 @@ from shimmy.api.protocol.responses import ResponseModel
 DoneReason = Literal["stop", "length", "load", "unload"]
 
 
-class ModelDetails(ResponseModel):
+class OllamaModelDetails(ResponseModel):
     parent_model: str
     format: Literal["gguf"]
     family: str
@@ -21,52 +21,52 @@ class ModelDetails(ResponseModel):
     quantization_level: str
 
 
-class ListedModel(ResponseModel):
+class OllamaListedModel(ResponseModel):
     name: str = Field(description="ID:latest (Ollama's own models: their name and tag)")
     model: str
     modified_at: str
     size: int
     digest: str = Field(description="sha256 of the file; empty until it has been computed")
-    details: ModelDetails
+    details: OllamaModelDetails
 
 
-class TagsResponse(ResponseModel):
+class OllamaTagsResponse(ResponseModel):
     """``GET /api/tags``."""
 
-    models: list[ListedModel]
+    models: list[OllamaListedModel]
 
 
-class RunningModel(ResponseModel):
+class OllamaRunningModel(ResponseModel):
     name: str
     model: str
     size: int
     digest: str
-    details: ModelDetails
+    details: OllamaModelDetails
     expires_at: str = Field(description="When it unloads if left idle (far ahead: never)")
     size_vram: int
     context_length: int
 
 
-class PsResponse(ResponseModel):
+class OllamaPsResponse(ResponseModel):
     """``GET /api/ps``."""
 
-    models: list[RunningModel]
+    models: list[OllamaRunningModel]
 
 
-class ShowResponse(ResponseModel):
+class OllamaShowResponse(ResponseModel):
     """``POST /api/show``."""
 
     modelfile: str
     parameters: str
     template: str
     license: str
-    details: ModelDetails
+    details: OllamaModelDetails
     model_info: dict[str, Any]
     capabilities: list[str]
     modified_at: str
 
 
-class VersionResponse(ResponseModel):
+class OllamaVersionResponse(ResponseModel):
     version: str
 
 
@@ -81,7 +81,7 @@ class _Timings(ResponseModel):
     eval_duration: int | SkipJsonSchema[None] = None
 
 
-class GenerateResponse(_Timings):
+class OllamaGenerateResponse(_Timings):
     """``POST /api/generate`` with ``stream: false``; streamed, each NDJSON line has this shape
     and the last one (``done: true``) the counts, durations and ``context``."""
 
@@ -91,32 +91,32 @@ class GenerateResponse(_Timings):
     context: list[int] | SkipJsonSchema[None] = None
 
 
-class FunctionCall(ResponseModel):
+class OllamaReplyFunction(ResponseModel):
     index: int
     name: str
     arguments: dict[str, Any]
 
 
-class ToolCall(ResponseModel):
+class OllamaReplyToolCall(ResponseModel):
     id: str
-    function: FunctionCall
+    function: OllamaReplyFunction
 
 
-class AssistantMessage(ResponseModel):
+class OllamaAssistantMessage(ResponseModel):
     role: Literal["assistant"]
     content: str
-    tool_calls: list[ToolCall] | SkipJsonSchema[None] = None
+    tool_calls: list[OllamaReplyToolCall] | SkipJsonSchema[None] = None
 
 
-class ChatResponse(_Timings):
+class OllamaChatResponse(_Timings):
     """``POST /api/chat`` with ``stream: false``; streamed, each NDJSON line has this shape."""
 
     model: str
     created_at: str
-    message: AssistantMessage
+    message: OllamaAssistantMessage
 
 
-class EmbedResponse(ResponseModel):
+class OllamaEmbedResponse(ResponseModel):
     """``POST /api/embed``."""
 
     model: str
@@ -126,13 +126,13 @@ class EmbedResponse(ResponseModel):
     prompt_eval_count: int
 
 
-class EmbeddingsResponse(ResponseModel):
+class OllamaEmbeddingsResponse(ResponseModel):
     """``POST /api/embeddings``."""
 
     embedding: list[float]
 
 
-class ProgressResponse(ResponseModel):
+class OllamaProgressResponse(ResponseModel):
     """``POST /api/pull``: the answer with ``stream: false``; streamed, one per line."""
 
     status: str

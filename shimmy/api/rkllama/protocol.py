@@ -11,17 +11,17 @@ from shimmy.api.protocol.responses import ResponseModel
 from shimmy.serving.chat import Message
 
 
-class LoadModelRequest(WireModel):
+class RKLLamaLoadModelRequest(WireModel):
     model_name: NonEmptyStr = Field(description="A model id, or its file name")
 
 
-class ModelRequest(WireModel):
+class RKLLamaModelRequest(WireModel):
     """``POST /pull`` and ``DELETE /rm``."""
 
     model: NonEmptyStr
 
 
-class GenerateRequest(WireModel):
+class RKLLamaGenerateRequest(WireModel):
     messages: StrictStr | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="A prompt, or a conversation rendered with the model's chat template"
     )
@@ -33,40 +33,40 @@ class GenerateRequest(WireModel):
         return [Message(m.role, m.content) for m in self.messages]
 
 
-class Welcome(ResponseModel):
+class RKLLamaWelcome(ResponseModel):
     message: str
     github: str
 
 
-class ModelNames(ResponseModel):
+class RKLLamaModelNames(ResponseModel):
     models: list[str]
 
 
-class Done(ResponseModel):
+class RKLLamaDone(ResponseModel):
     message: str
 
 
-class CurrentModel(ResponseModel):
+class RKLLamaCurrentModel(ResponseModel):
     model_name: str
 
 
-class Choice(ResponseModel):
+class RKLLamaChoice(ResponseModel):
     role: Literal["assistant"]
     content: str
     finish_reason: Literal["stop", "length"] | None
 
 
-class Usage(ResponseModel):
+class RKLLamaUsage(ResponseModel):
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
 
 
-class Completion(ResponseModel):
+class RKLLamaCompletion(ResponseModel):
     """``POST /generate``; streamed, each chunk has this shape (followed by a blank line)."""
 
     id: Literal["rkllm_chat"]
     object: Literal["rkllm_chat"]
     created: int
-    choices: list[Choice]
-    usage: Usage
+    choices: list[RKLLamaChoice]
+    usage: RKLLamaUsage

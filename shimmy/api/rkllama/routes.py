@@ -31,14 +31,14 @@ from shimmy.api.errors import error_message
 from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.protocol.common import parse_body
 from shimmy.api.rkllama.protocol import (
-    Completion,
-    CurrentModel,
-    Done,
-    GenerateRequest,
-    LoadModelRequest,
-    ModelNames,
-    ModelRequest,
-    Welcome,
+    RKLLamaCompletion,
+    RKLLamaCurrentModel,
+    RKLLamaDone,
+    RKLLamaGenerateRequest,
+    RKLLamaLoadModelRequest,
+    RKLLamaModelNames,
+    RKLLamaModelRequest,
+    RKLLamaWelcome,
 )
 from shimmy.api.routing import BAD_REQUEST, api_route
 from shimmy.api.sse import EventStreamResponse
@@ -93,7 +93,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def load_model(request: Request) -> Response:
-    body = parse_body(LoadModelRequest, await request.body())
+    body = parse_body(RKLLamaLoadModelRequest, await request.body())
     if _current(request) is not None:
         raise InvalidRequest(message="A model is already loaded. Please unload it first.")
     entry = _entry(request, body.model_name)
@@ -163,7 +163,7 @@ class RKLLamaEvents:
 
 
 async def generate(request: Request) -> Response:
-    body = parse_body(GenerateRequest, await request.body())
+    body = parse_body(RKLLamaGenerateRequest, await request.body())
     current = _current(request)
     if current is None:
         raise InvalidRequest(message=NONE_LOADED)
@@ -188,7 +188,7 @@ def _download_error(err: ShimmyError | PullError) -> str:
 async def pull(request: Request) -> Response:
     registry = registry_of(request)
     try:
-        body = parse_body(ModelRequest, await request.body())
+        body = parse_body(RKLLamaModelRequest, await request.body())
         # RKLLama writes Hub files as hf/OWNER/REPO/FILE.
         name = "hf://" + body.model[3:] if body.model.startswith("hf/") else body.model
         events = pull_model(parse_source(name, param="model"), settings_of(request))
@@ -229,7 +229,7 @@ async def pull(request: Request) -> Response:
 
 
 async def remove(request: Request) -> Response:
-    body = parse_body(ModelRequest, await request.body())
+    body = parse_body(RKLLamaModelRequest, await request.body())
     entry = _entry(request, body.model)
     if entry is None:
         raise NotFound(message=f"The model: {body.model[:200]} cannot be found.")
@@ -245,30 +245,85 @@ async def remove(request: Request) -> Response:
 TAGS = ["rkllama"]
 
 routes: list[BaseRoute] = [
-    api_route("/", welcome, methods=["GET"], summary="Welcome (RKLLama)", response=Welcome,
-              tags=TAGS),
-    api_route("/models", list_models, methods=["GET"], summary="List the models (RKLLama)",
-              response=ModelNames, tags=TAGS),
-    api_route("/load_model", load_model, methods=["POST"], body=LoadModelRequest,
-              summary="Make a model the current one (RKLLama)", response=Done,
-              errors={400: "A model is already loaded, or there is no such model",
-                      503: "Busy or loading", 507: "Not enough memory"}, tags=TAGS),
-    api_route("/unload_model", unload_model, methods=["POST"], response=Done,
-              summary="Unload the current model (RKLLama)",
-              errors={400: "No model is loaded"}, tags=TAGS),
-    api_route("/current_model", current_model, methods=["GET"], response=CurrentModel,
-              summary="The current model (RKLLama)", errors={404: "No model is loaded"},
-              tags=TAGS),
-    api_route("/generate", generate, methods=["POST"], body=GenerateRequest,
-              summary="Generate with the current model (RKLLama)", response=Completion,
-              texts=[TEXT], response_description="The completion, or its chunks (plain text)",
-              errors={**BAD_REQUEST, 503: "Busy or loading"}, tags=TAGS),
-    api_route("/pull", pull, methods=["POST"], body=ModelRequest,
-              summary="Download a model (RKLLama)", texts=[TEXT],
-              response_description="Progress lines", errors={400: "The download failed"},
-              tags=TAGS),
-    api_route("/rm", remove, methods=["DELETE", "POST"], body=ModelRequest,
-              summary="Delete a model from shimmy's own models folder (RKLLama)", response=Done,
-              errors={**BAD_REQUEST, 403: "Not shimmy's own file", 404: "No such model"},
-              tags=TAGS),
-]  # fmt: skip
+    api_route(
+        "/",
+        welcome,
+        methods=["GET"],
+        summary="Welcome (RKLLama)",
+        response=RKLLamaWelcome,
+        tags=TAGS,
+    ),
+    api_route(
+        "/models",
+        list_models,
+        methods=["GET"],
+        summary="List the models (RKLLama)",
+        response=RKLLamaModelNames,
+        tags=TAGS,
+    ),
+    api_route(
+        "/load_model",
+        load_model,
+        methods=["POST"],
+        body=RKLLamaLoadModelRequest,
+        summary="Make a model the current one (RKLLama)",
+        response=RKLLamaDone,
+        errors={
+            400: "A model is already loaded, or there is no such model",
+            503: "Busy or loading",
+            507: "Not enough memory",
+        },
+        tags=TAGS,
+    ),
+    api_route(
+        "/unload_model",
+        unload_model,
+        methods=["POST"],
+        response=RKLLamaDone,
+        summary="Unload the current model (RKLLama)",
+        errors={400: "No model is loaded"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/current_model",
+        current_model,
+        methods=["GET"],
+        response=RKLLamaCurrentModel,
+        summary="The current model (RKLLama)",
+        errors={404: "No model is loaded"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/generate",
+        generate,
+        methods=["POST"],
+        body=RKLLamaGenerateRequest,
+        summary="Generate with the current model (RKLLama)",
+        response=RKLLamaCompletion,
+        texts=[TEXT],
+        response_description="The completion, or its chunks (plain text)",
+        errors={**BAD_REQUEST, 503: "Busy or loading"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/pull",
+        pull,
+        methods=["POST"],
+        body=RKLLamaModelRequest,
+        summary="Download a model (RKLLama)",
+        texts=[TEXT],
+        response_description="Progress lines",
+        errors={400: "The download failed"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/rm",
+        remove,
+        methods=["DELETE", "POST"],
+        body=RKLLamaModelRequest,
+        summary="Delete a model from shimmy's own models folder (RKLLama)",
+        response=RKLLamaDone,
+        errors={**BAD_REQUEST, 403: "Not shimmy's own file", 404: "No such model"},
+        tags=TAGS,
+    ),
+]
