@@ -368,6 +368,21 @@ def test_copy_and_delete(own_ports: Ports) -> None:
     assert client.show("tiny").details is not None
 
 
+def test_aliases_and_their_latest_tag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[models.tiny]\naliases = ["small"]\n', encoding="utf-8")
+    settings = isolated_settings(tiny_model_dir, tmp_path, config=config)
+    with run_with_ollama_port(settings) as running:
+        client = ollama.Client(host=running.ollama_url)
+        for name in ("small", "small:latest", "library/tiny:latest"):
+            assert client.show(name).details == client.show("tiny").details, name
+            reply = client.generate(model=name, prompt="x", options=GREEDY)
+            assert reply.model == name  # as Ollama, the name the client used
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.show("small:7b")
+        assert caught.value.status_code == 404
+
+
 def test_the_native_api_points_ollama_clients_to_theirs(own_ports: Ports) -> None:
     native = ollama.Client(host=own_ports.url)
     with pytest.raises(ollama.ResponseError, match="/ollama") as caught:

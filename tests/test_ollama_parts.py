@@ -1,5 +1,5 @@
 """The pieces of Ollama's dialect that need no server: request templates (Go's text/template
-subset) and the background digest cache."""
+subset), the background digest cache and how /openapi.json describes the dialect."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from shimmy.api.ollama.gotemplate import render
+from shimmy.api.openapi import build_openapi
 from shimmy.errors import InvalidRequest
 from shimmy.models.digests import DigestCache, sha256_of_files
 from shimmy.models.entry import ModelEntry
+from shimmy.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -99,3 +101,19 @@ def test_ollama_blobs_are_named_by_their_digest(tmp_path: Path) -> None:
         raise AssertionError("no hashing needed")
 
     assert DigestCache(tmp_path / "d.json", hash_files=never).get(_entry(blob)) == digest
+
+
+def test_the_api_description_gives_their_error_body_and_streams() -> None:
+    paths = build_openapi(Settings())["paths"]
+    for path, method in [
+        ("/ollama/api/chat", "post"),
+        ("/ollama/api/tags", "get"),
+        ("/rkllama/load_model", "post"),
+    ]:
+        error = paths[path][method]["responses"]["default"]["content"]["application/json"]
+        assert error["schema"] == {"$ref": "#/components/schemas/FlatError"}, path
+    chat = paths["/ollama/api/chat"]["post"]["responses"]["200"]["content"]
+    assert set(chat) == {"application/json", "application/x-ndjson"}
+    assert paths["/ollama/"]["get"]["responses"]["200"]["content"] == {
+        "text/plain": {"schema": {"type": "string"}}
+    }

@@ -285,27 +285,33 @@ async def _gathered(
 
 
 class _Answer:
-    """One generation to answer, streamed or whole."""
+    """One generation to answer, streamed or whole. ``context``: the tokens the prompt
+    continued and the prompt's text, when the answer ends with the exchange's tokens."""
 
-    def __init__(self, request: Request, engine: Engine, started: Started, events: OllamaEvents):
+    def __init__(
+        self,
+        request: Request,
+        engine: Engine,
+        started: Started,
+        events: OllamaEvents,
+        context: tuple[list[int], str] | None,
+    ):
         self.request = request
         self.engine = engine
         self.started = started
         self.events = events
-        self.context_text: str | None = None  # set when the answer ends with a context
-        self.context_prefix: list[int] = []
+        self.context = context
 
-    async def _context(self) -> list[int]:
-        assert self.context_text is not None
-        text = self.context_text + "".join(self.events.text)
-        tokens = await self.engine.tokenize(text, add_special=not self.context_prefix)
-        return [*self.context_prefix, *tokens]
+    async def _context(self, prefix: list[int], prompt: str) -> list[int]:
+        # As Ollama does: the prompt and the reply tokenized again, after what they continued.
+        text = prompt + "".join(self.events.text)
+        return [*prefix, *await self.engine.tokenize(text, add_special=not prefix)]
 
     async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         async for chunk in frames(self.started, self.events):
             if chunk.get("done"):
-                if self.context_text is not None:
-                    chunk["context"] = await self._context()
+                if self.context is not None:
+                    chunk["context"] = await self._context(*self.context)
                 if self.events.finished_event is not None:
                     annotate(self.request, usage=self.events.finished_event.usage)
             yield chunk
@@ -328,6 +334,7 @@ async def _run(
     *,
     context: list[int] | None = None,
     num_ctx: int | None = None,
+    returns_context: bool = False,
 ) -> _Answer:
     kind, name, clock = reply
     try:
@@ -337,16 +344,14 @@ async def _run(
     if prepared.grammar_param == _FORMAT_PARAM:
         prepared = dataclasses.replace(prepared, grammar_param="format")
     rendered = prepared.request.prompt
+    assert isinstance(rendered, str)  # token ids come only from ``fit``
     prepared = await fit(engine, prepared, context=context, num_ctx=num_ctx)
     events = OllamaEvents(kind, name, prepared.tools, clock, given.logprobs is not None)
     clock.mark_submitted()
     started = await start(engine, prepared)
     clock.mark_first()
-    answer = _Answer(request, engine, started, events)
-    answer.context_prefix = list(context or [])
-    if isinstance(rendered, str) and kind == "generate":
-        answer.context_text = rendered
-    return answer
+    returned = (list(context or []), rendered) if returns_context else None
+    return _Answer(request, engine, started, events, returned)
 
 
 # What the serving layer calls Ollama's ``format`` (OpenAI's name for it).
@@ -387,11 +392,11 @@ async def generate(request: Request) -> Response:
         engine,
         _generate_input(body, options, engine),
         ("generate", body.model, clock),
-        context=None if body.raw else body.context,
+        context=body.context,
         num_ctx=options.num_ctx,
+        # As in Ollama: a raw prompt has no context to continue.
+        returns_context=not body.raw,
     )
-    if body.raw:
-        answer.context_text = None  # as in Ollama: a raw prompt has no context to continue
     return await answer.respond(body.streams)
 
 
