@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Proxies whose X-Forwarded-For/-Proto are believed ('*': any); none by default",
     )
+    ollama: str | None = Field(
+        None,
+        description="Also serve Ollama's API on this HOST:PORT (`serve --ollama`; Ollama's "
+        "clients expect 127.0.0.1:11434)",
+    )
 
     # --- models ----------------------------------------------------------------------------
     model_paths: Annotated[list[Path], NoDecode] = Field(

@@ -254,10 +254,15 @@ def ipv6_loopback_available() -> bool:
 
 
 def serve_until_ctrl_c(
-    args: list[str], env: dict[str, str], url_pattern: str, use: Callable[[httpx.Client], None]
+    args: list[str],
+    env: dict[str, str],
+    url_pattern: str,
+    use: Callable[[httpx.Client], None],
+    on_banner: Callable[[str], None] | None = None,
 ) -> str:
-    """Run ``shimmy serve ARGS``, call ``use`` with a client once it listens, stop it with
-    Ctrl-C; return everything it printed on stderr (it must print nothing on stdout)."""
+    """Run ``shimmy serve ARGS``, call ``use`` with a client once it listens (``on_banner``
+    first, with the banner), stop it with Ctrl-C; return everything it printed on stderr (it
+    must print nothing on stdout)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "shimmy", "serve", *args],
         env=env,
@@ -277,6 +282,8 @@ def serve_until_ctrl_c(
             banner.append(line)
             found = re.search(f"listening on ({url_pattern})", line)
             url = found.group(1) if found else url
+        if on_banner is not None:
+            on_banner("".join(banner))
         with httpx.Client(base_url=url, timeout=30) as client:
             use(client)
         server.send_signal(signal.SIGINT)

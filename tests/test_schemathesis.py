@@ -2,7 +2,8 @@
 
 Schemathesis generates requests from the description the server publishes and checks that no
 answer is a 5xx and that every answer matches the response schema declared for it.
-``/api/pull`` (it would fetch URLs) and DELETE (it removes files) are left out; example counts
+The pulls (``/api/pull``, ``/ollama/api/pull``, ``/rkllama/pull``: they would fetch URLs)
+and DELETE (it removes files) are left out; example counts
 are small so the module stays well under a minute on the tiny model.
 
 The operations are listed at collection time from ``build_openapi`` (no server is running
@@ -29,7 +30,7 @@ from shimmy.settings import Settings
 
 MAX_EXAMPLES = 20
 # schemathesis itself skips the operation that serves the schema it was loaded from.
-EXCLUDED_PATHS = {"/api/pull", "/openapi.json"}
+EXCLUDED_PATHS = {"/api/pull", "/ollama/api/pull", "/rkllama/pull", "/openapi.json"}
 EXCLUDED_METHODS = {"delete"}
 
 

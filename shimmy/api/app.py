@@ -34,10 +34,12 @@ from shimmy.api.auth_failures import AuthFailureMiddleware
 from shimmy.api.body_rate import BodyRateMiddleware
 from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
+from shimmy.api.ollama import routes as ollama
 from shimmy.api.openai import routes as openai
 from shimmy.api.ratelimit import RateLimitMiddleware
 from shimmy.api.responses import routes as responses
 from shimmy.api.responses.store import ResponseStore
+from shimmy.api.rkllama import routes as rkllama
 from shimmy.api.routing import RouteAccess
 from shimmy.api.security import ApiKeyMiddleware, HostOriginMiddleware
 from shimmy.api.ws import routes as ws
@@ -151,6 +153,10 @@ def route_table(settings: Settings) -> list[BaseRoute]:
         *system.routes,
         *metrics.routes,
         *locallab.routes,
+        # Ollama's and RKLLama's paths collide with the native ones: each has its prefix
+        # (and Ollama its own port too: shimmy.api.ollama.listener).
+        Mount("/ollama", routes=ollama.routes),
+        Mount("/rkllama", routes=rkllama.routes),
         *(web.routes if settings.web_ui else []),
     ]
 

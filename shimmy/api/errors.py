@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 OPENAI_PREFIX = "/v1"
 # Anthropic's Messages API lives inside /v1 and has an error shape of its own.
 ANTHROPIC_PREFIX = "/v1/messages"
+# Ollama's and RKLLama's clients read a bare message: ``{"error": "..."}``.
+FLAT_ERROR_PREFIXES = ("/ollama", "/rkllama")
 
 # How many pydantic errors one response lists; a huge invalid body must not make a huge reply.
 _MAX_LISTED_ERRORS = 5
@@ -45,6 +47,19 @@ def is_openai_path(path: str) -> bool:
 
 def is_anthropic_path(path: str) -> bool:
     return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def has_flat_errors(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in FLAT_ERROR_PREFIXES)
+
+
+def error_message(err: ShimmyError) -> str:
+    """The message and its details in one line, for dialects that show a single string."""
+    return f"{err.message}: {err.details}" if err.details else err.message
+
+
+def flat_error_body(err: ShimmyError) -> dict[str, Any]:
+    return {"error": error_message(err)}
 
 
 def native_error_body(err: ShimmyError) -> dict[str, Any]:
@@ -124,6 +139,8 @@ def error_response(
         body = anthropic_error_body(err)
     elif is_openai_path(path):
         body = openai_error_body(err)
+    elif has_flat_errors(path):
+        body = flat_error_body(err)
     else:
         body = native_error_body(err)
     all_headers = {**_retry_after_header(err), **(headers or {})}

@@ -50,11 +50,16 @@ class EventStreamResponse(Response):
     """
 
     def __init__(
-        self, events: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None
+        self,
+        events: AsyncGenerator[bytes, None],
+        headers: Mapping[str, str] | None = None,
+        *,
+        media_type: str = "text/event-stream",
     ) -> None:
+        # Other line-oriented streams (NDJSON, plain text) need the same disconnect handling.
         self.events = events
         self.status_code = 200
-        self.media_type = "text/event-stream"
+        self.media_type = media_type
         self.background = None
         self.init_headers({**SSE_HEADERS, **(headers or {})})
 

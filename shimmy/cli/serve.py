@@ -28,17 +28,20 @@ if TYPE_CHECKING:
 
 # Open connections (a long stream, an idle WebSocket) must not keep Ctrl-C waiting forever.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+# Where Ollama's clients look when they are not told otherwise.
+OLLAMA_ADDRESS = "127.0.0.1:11434"
 
 
-def parse_bind(value: str) -> tuple[str | None, int | None]:
-    """``HOST:PORT``, ``HOST``, ``:PORT``, ``[IPv6]:PORT``, ``[IPv6]`` or a bare IPv6 address."""
+def parse_bind(value: str, flag: str = "--bind") -> tuple[str | None, int | None]:
+    """``HOST:PORT``, ``HOST``, ``:PORT``, ``[IPv6]:PORT``, ``[IPv6]`` or a bare IPv6 address
+    (``flag`` names the option in errors)."""
     value = value.strip()
     host: str | None
     port_text: str | None = None
     if value.startswith("["):
         inside, bracket, rest = value[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise InvalidRequest(f"cannot parse --bind '{value}': expected [ADDRESS]:PORT")
+            raise InvalidRequest(f"cannot parse {flag} '{value}': expected [ADDRESS]:PORT")
         host, port_text = inside, rest[1:] or None
     elif value.count(":") == 1:
         host, port_text = value.split(":")
@@ -47,7 +50,7 @@ def parse_bind(value: str) -> tuple[str | None, int | None]:
     if port_text is None:
         return host or None, None
     if not port_text.isdigit() or int(port_text) > 65535:
-        raise InvalidRequest(f"cannot parse --bind '{value}': bad port '{port_text}'")
+        raise InvalidRequest(f"cannot parse {flag} '{value}': bad port '{port_text}'")
     return host or None, int(port_text)
 
 
@@ -72,6 +75,17 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ollama_address(value: str) -> tuple[str, int]:
+    """``--ollama``'s HOST:PORT; a part left out is Ollama's own (127.0.0.1, 11434)."""
+    host, port = parse_bind(value, "--ollama")
+    default_host, _, default_port = OLLAMA_ADDRESS.partition(":")
+    return host or default_host, int(default_port) if port is None else port
+
+
 def _banner(settings: Settings, registry: ModelRegistry) -> list[str]:
     from shimmy.engine.llama import gpu_offload_supported
 
@@ -94,6 +108,11 @@ def _banner(settings: Settings, registry: ModelRegistry) -> list[str]:
     websocket = url.replace("http", "ws", 1)
     lines.append(f"  native API:    {url}/api  (WebSocket: {websocket}/ws/generate)")
     lines.append(f"  OpenAI API:    {url}/v1")
+    if settings.ollama:
+        lines.append(f"  Ollama API:    http://{settings.ollama}  (and {url}/ollama)")
+    else:
+        lines.append(f"  Ollama API:    {url}/ollama  (on Ollama's own port with --ollama)")
+    lines.append(f"  RKLLama API:   {url}/rkllama")
     if settings.web_ui:
         lines.append(f"  chat page:     {url}/")
     auth = ' -H "Authorization: Bearer $KEY"' if keys_configured(settings) else ""
@@ -170,6 +189,16 @@ def serve(
     max_connections: Annotated[
         int | None, typer.Option("--max-connections", help="Open connections at most")
     ] = None,
+    ollama: Annotated[
+        str | None,
+        typer.Option(
+            "--ollama",
+            metavar="[HOST:PORT]",
+            is_flag=False,
+            flag_value=OLLAMA_ADDRESS,
+            help=f"Also serve Ollama's API on a port of its own (alone: {OLLAMA_ADDRESS})",
+        ),
+    ] = None,
     graceful_timeout: Annotated[
         int,
         typer.Option(
@@ -177,7 +206,8 @@ def serve(
         ),
     ] = GRACEFUL_SHUTDOWN_SECONDS,
 ) -> None:
-    """Run the HTTP + WebSocket server (native /api, OpenAI-compatible /v1)."""
+    """Run the HTTP + WebSocket server (native /api, OpenAI-compatible /v1, Ollama's API under
+    /ollama, RKLLama's under /rkllama)."""
     host, bind_port = parse_bind(bind) if bind is not None else (None, None)
     settings = build_settings(
         common,
@@ -196,28 +226,44 @@ def serve(
         allow_private_pull=True if allow_private_pull else None,
         open_model_admin=True if open_model_admin else None,
         max_connections=max_connections,
+        ollama=ollama,
     )
     load_api_keys(settings)  # an unreadable or empty key file stops here, with one line
+    if settings.ollama:
+        _ollama_address(settings.ollama)  # a bad address stops here, before the models load
     registry = discovered_registry(settings)
     if settings.default_model:
         registry.resolve(None)  # fail here, before listening, on an unusable --model
-    sock = _listen(settings.host, settings.port)
-    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+    sockets = [_listen(settings.host, settings.port)]
+    settings = settings.model_copy(update={"port": sockets[0].getsockname()[1]})
+    hosts = [settings.host]
+    if settings.ollama:
+        ollama_host, ollama_port = _ollama_address(settings.ollama)
+        sockets.append(_listen(ollama_host, ollama_port))
+        ollama_port = sockets[1].getsockname()[1]
+        if ollama_port == settings.port:
+            for sock in sockets:
+                sock.close()
+            raise InvalidRequest("--ollama needs a port other than the main one")
+        settings = settings.model_copy(update={"ollama": _address(ollama_host, ollama_port)})
+        hosts.append(ollama_host)
     for line in _banner(settings, registry):
         tell(line)
-    warning = insecure_bind_warning(settings)
-    if warning:
-        tell(f"warning: {warning}")
+    for host in dict.fromkeys(hosts):
+        warning = insecure_bind_warning(settings.model_copy(update={"host": host}))
+        if warning:
+            tell(f"warning: {warning}")
     refusal = model_admin_refusal(settings)
     if refusal is not None:
         tell(f"note: {refusal.details}")
-    import uvicorn
-
     from shimmy.api.app import create_app
+    from shimmy.api.ollama.listener import OllamaListener
     from shimmy.server.config import server_config
 
+    app = create_app(settings, registry)
+    ports = [sock.getsockname()[1] for sock in sockets[1:]]
     config = server_config(
-        create_app(settings, registry),
+        OllamaListener(app, ports) if ports else app,
         settings,
         log_config=None,  # keep our stderr handler and format for uvicorn's loggers too
         log_level=settings.log_level,
@@ -225,6 +271,8 @@ def serve(
         access_log=False,  # shimmy.access logs one line per request, with model and tokens
         timeout_graceful_shutdown=graceful_timeout,
     )
+    import uvicorn
+
     server = uvicorn.Server(config)
 
     def terminated(signum: int, frame: object) -> None:
@@ -234,10 +282,12 @@ def serve(
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        server.run(sockets=[sock])
+        # One server on both ports: one lifespan, one graceful drain, one signal handler.
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass  # uvicorn has shut down gracefully and re-raised the Ctrl-C: a normal exit
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
     if not server.started:
         raise ServerError("the server did not start (see the log above)")

@@ -29,6 +29,8 @@ class Dialect(StrEnum):
     OPENAI_RESPONSES = "openai_responses"
     ANTHROPIC = "anthropic"
     LOCALLAB = "locallab"
+    OLLAMA = "ollama"  # /api/generate and /api/chat of Ollama's API (under /ollama)
+    RKLLAMA = "rkllama"
     CLI_GENERATE = "cli_generate"
     CLI_CHAT = "cli_chat"
     CLI_PROBE = "cli_probe"
@@ -74,6 +76,15 @@ DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
             None, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0
         ),
         Dialect.LOCALLAB: DialectDefaults(max_tokens=None, top_k=80, repetition_penalty=1.15),
+        # Ollama's DefaultOptions (api/types.go): num_predict -1 generates until the context is
+        # full or the server's cap; no repeat penalty.
+        Dialect.OLLAMA: DialectDefaults(
+            max_tokens=None, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.0
+        ),
+        # RKLLama's rkllm parameters: top_k 1 (greedy), temperature 0.8, repeat penalty 1.1.
+        Dialect.RKLLAMA: DialectDefaults(
+            max_tokens=None, temperature=0.8, top_p=0.9, top_k=1, repetition_penalty=1.1
+        ),
         Dialect.CLI_GENERATE: DialectDefaults(max_tokens=50),
         Dialect.CLI_CHAT: DialectDefaults(max_tokens=1024),
         # A fixed, greedy, short generation: the same measurement on every run.

@@ -23,6 +23,7 @@ from shimmy.api.admin.protocol import (
     UnloadResult,
 )
 from shimmy.api.keepalive import parse_keep_alive, wants_to_wait
+from shimmy.api.native.foreign import OLLAMA_PULL_FIELDS, refuse_ollama_requests
 from shimmy.api.native.protocol import ModelList
 from shimmy.api.protocol.common import parse_json
 from shimmy.api.routing import BAD_REQUEST, GENERATION_ERRORS, NDJSON, api_route
@@ -141,6 +142,7 @@ async def pull(request: Request) -> Response:
     settings = request.app.state.settings
     check_model_admin(settings)
     body = await _optional_body(request)
+    refuse_ollama_requests(request, body, OLLAMA_PULL_FIELDS)
     source = parse_source(body.get("model"), param="model")
     stream = body.get("stream", True)
     if not isinstance(stream, bool):

@@ -18,6 +18,7 @@ from shimmy.api.access_log import annotate
 from shimmy.api.context import client_gone, registry_of, settings_of
 from shimmy.api.errors import native_error_body
 from shimmy.api.keepalive import wants_to_wait
+from shimmy.api.native.foreign import OLLAMA_GENERATE_FIELDS, refuse_ollama_requests
 from shimmy.api.native.protocol import (
     BatchRequest,
     BatchResponse,
@@ -64,7 +65,9 @@ class NativeEvents:
 
 
 async def generate(request: Request) -> Response:
-    body = parse_generate_request(parse_json(await request.body()))
+    data = parse_json(await request.body())
+    refuse_ollama_requests(request, data, OLLAMA_GENERATE_FIELDS)
+    body = parse_generate_request(data)
     engine = await registry_of(request).get_engine(
         body.model, keep_alive=body.keep_alive, wait=wants_to_wait(request)
     )

@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute
 
 from shimmy import __version__
-from shimmy.api.errors import is_openai_path
+from shimmy.api.errors import has_flat_errors, is_openai_path
 from shimmy.api.openapi.components import Schema, model_schemas, ref
-from shimmy.api.protocol.errors import NativeError, OpenAIError
+from shimmy.api.protocol.errors import FlatError, NativeError, OpenAIError
 from shimmy.api.routing import RouteEntry, RouteFacts, walk_routes
 from shimmy.api.security import keys_configured
 from shimmy.settings import Settings
@@ -31,15 +31,18 @@ from shimmy.settings import Settings
 OPENAPI_VERSION = "3.1.0"
 
 DESCRIPTION = """\
-shimmy serves GGUF models through llama.cpp. Three dialects share one port: the native API
-under `/api`, the OpenAI-compatible API under `/v1`, and LocalLab's routes (`/generate`,
+shimmy serves GGUF models through llama.cpp. Several dialects share one port: the native API
+under `/api`, the OpenAI-compatible API under `/v1`, LocalLab's routes (`/generate`,
 `/chat`, `/generate/batch`, `/models/...`, `/system/info`, `/health`), which answer errors in
-the native format. `/metrics` serves Prometheus metrics and, unless turned off, `/` a chat
-page (its assets under `/ui/` are not listed here).
+the native format, and Ollama's API under `/ollama` and RKLLama's under `/rkllama`, which
+answer errors as `{"error": "message"}` (`shimmy serve --ollama` also serves Ollama's API on a
+port of its own, 11434 by default). `/metrics` serves Prometheus metrics and, unless turned
+off, `/` a chat page (its assets under `/ui/` are not listed here).
 
 Streaming (`"stream": true`) answers with server-sent events (`text/event-stream`) that end
-with `data: [DONE]`; a failure after the stream started is sent as an event holding the
-error. Each streaming operation says what its events hold.
+with `data: [DONE]` (Ollama's routes: one JSON object per line, `application/x-ndjson`); a
+failure after the stream started is sent as an event holding the error. Each streaming
+operation says what its events hold.
 """
 
 _WEBSOCKETS = "WebSockets (OpenAPI cannot describe them):"
@@ -76,7 +79,7 @@ class _Operations:
             answers[401] = "A valid API key is missing (code `unauthorized`)"
         if self.rate_limited and facts.rate_limited:
             answers[429] = "Too many requests (code `rate_limited`); see Retry-After"
-        body = self._json(OpenAIError if is_openai_path(entry.path) else NativeError)
+        body = self._json(_error_model(entry.path))
         responses: Schema = {
             str(status): {"description": text, "content": body}
             for status, text in sorted(answers.items())
@@ -123,6 +126,12 @@ class _Operations:
         return operation
 
 
+def _error_model(path: str) -> type[BaseModel]:
+    if is_openai_path(path):
+        return OpenAIError
+    return FlatError if has_flat_errors(path) else NativeError
+
+
 def _operation_id(method: str, template: str) -> str:
     words = re.findall(r"[A-Za-z0-9]+", template)
     return "_".join([method.lower(), *words]) if words else f"{method.lower()}_root"
@@ -163,7 +172,7 @@ def build_openapi(settings: Settings, routes: Iterable[BaseRoute] | None = None)
     websockets = [entry for entry, _ in _declared(e for e in entries if e.websocket)]
     requests = [facts.body for _, facts in http if facts.body is not None]
     responses = [facts.response for _, facts in http if facts.response is not None]
-    names, schemas = model_schemas(requests, [*responses, NativeError, OpenAIError])
+    names, schemas = model_schemas(requests, [*responses, NativeError, OpenAIError, FlatError])
     ops = _Operations(settings, names)
     paths: dict[str, Schema] = {}
     for entry, facts in http:

@@ -1,5 +1,6 @@
-"""The error bodies, as ``shimmy.api.errors`` renders them: native (also LocalLab's) and
-OpenAI's (every path under ``/v1``)."""
+"""The error bodies, as ``shimmy.api.errors`` renders them: native (also LocalLab's), OpenAI's
+(every path under ``/v1``) and the bare message of Ollama and RKLLama (``/ollama``,
+``/rkllama``)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ class OpenAIError(ResponseModel):
     """``{"error": {"message", "type", "param", "code"}}``, as OpenAI answers."""
 
     error: OpenAIErrorDetail
+
+
+class FlatError(ResponseModel):
+    """``{"error": "message"}``, as Ollama and RKLLama answer."""
+
+    error: str

@@ -1,0 +1,1 @@
+"""RKLLama's REST API (seed 003): ``protocol`` (its shapes) and ``routes``."""
