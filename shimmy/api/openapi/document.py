@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute
 
 from shimmy import __version__
-from shimmy.api.errors import is_openai_path
+from shimmy.api.errors import is_anthropic_path, is_openai_path
 from shimmy.api.openapi.components import Schema, model_schemas, ref
-from shimmy.api.protocol.errors import NativeError, OpenAIError
+from shimmy.api.protocol.errors import AnthropicError, NativeError, OpenAIError
 from shimmy.api.routing import RouteEntry, RouteFacts, walk_routes
 from shimmy.api.security import keys_configured
 from shimmy.settings import Settings
@@ -76,7 +76,7 @@ class _Operations:
             answers[401] = "A valid API key is missing (code `unauthorized`)"
         if self.rate_limited and facts.rate_limited:
             answers[429] = "Too many requests (code `rate_limited`); see Retry-After"
-        body = self._json(OpenAIError if is_openai_path(entry.path) else NativeError)
+        body = self._json(_error_model(entry.path))
         responses: Schema = {
             str(status): {"description": text, "content": body}
             for status, text in sorted(answers.items())
@@ -163,7 +163,7 @@ def build_openapi(settings: Settings, routes: Iterable[BaseRoute] | None = None)
     websockets = [entry for entry, _ in _declared(e for e in entries if e.websocket)]
     requests = [facts.body for _, facts in http if facts.body is not None]
     responses = [facts.response for _, facts in http if facts.response is not None]
-    names, schemas = model_schemas(requests, [*responses, NativeError, OpenAIError])
+    names, schemas = model_schemas(requests, [*responses, NativeError, OpenAIError, AnthropicError])
     ops = _Operations(settings, names)
     paths: dict[str, Schema] = {}
     for entry, facts in http:
@@ -188,3 +188,10 @@ def build_openapi(settings: Settings, routes: Iterable[BaseRoute] | None = None)
         }
         document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
     return document
+
+
+def _error_model(path: str) -> type[BaseModel]:
+    # The error body of a path, as shimmy.api.errors chooses it.
+    if is_anthropic_path(path):
+        return AnthropicError
+    return OpenAIError if is_openai_path(path) else NativeError

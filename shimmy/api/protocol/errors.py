@@ -1,7 +1,9 @@
 """The error bodies, as ``shimmy.api.errors`` renders them: native (also LocalLab's) and
-OpenAI's (every path under ``/v1``)."""
+OpenAI's (every path under ``/v1``) and Anthropic's (under ``/v1/messages``)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from shimmy.api.protocol.responses import ResponseModel
 
@@ -29,3 +31,15 @@ class OpenAIError(ResponseModel):
     """``{"error": {"message", "type", "param", "code"}}``, as OpenAI answers."""
 
     error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(ResponseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(ResponseModel):
+    """``{"type": "error", "error": {"type", "message"}}``, as Anthropic answers."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
