@@ -206,7 +206,7 @@ CASES = {
     "openai-truncated-json": Hostile("POST", C, 400, BAD, content=b'{"messages": ['),
     "openai-no-messages": Hostile("POST", C, 400, BAD, json={"model": "tiny"}),
     "openai-temperature-3": Hostile("POST", C, 400, BAD, json=chat(temperature=3)),
-    "openai-n-2": Hostile("POST", C, 400, BAD, json=chat(n=2)),
+    "openai-n-17": Hostile("POST", C, 400, BAD, json=chat(n=17)),
     "openai-bad-role": Hostile(
         "POST", C, 400, BAD, json=chat(messages=[{"role": "root", "content": "x"}])
     ),
@@ -218,8 +218,38 @@ CASES = {
         json=chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
     ),
     "openai-unknown-model": Hostile("POST", C, 404, "model_not_found", json=chat(model="nope")),
-    "openai-token-prompt": Hostile(
-        "POST", "/v1/completions", 400, BAD, json={"model": "tiny", "prompt": [1, 2, 3]}
+    "openai-token-prompt-outside-vocabulary": Hostile(
+        "POST", "/v1/completions", 400, BAD, json={"model": "tiny", "prompt": [1, 2, 10**6]}
+    ),
+    "openai-mixed-token-prompt": Hostile(
+        "POST", "/v1/completions", 400, BAD, json={"model": "tiny", "prompt": [[1, "x"]]}
+    ),
+    # Anthropic dialect
+    "anthropic-no-max-tokens": Hostile(
+        "POST",
+        "/v1/messages",
+        400,
+        "invalid_request_error",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+    ),
+    "anthropic-image-block": Hostile(
+        "POST",
+        "/v1/messages",
+        400,
+        "invalid_request_error",
+        json={
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}],
+        },
+    ),
+    # Responses API
+    "responses-unknown-previous": Hostile(
+        "POST",
+        "/v1/responses",
+        404,
+        "not_found",
+        json={"model": "tiny", "input": "x", "previous_response_id": "resp_nope"},
     ),
     "openai-empty-embeddings": Hostile(
         "POST", "/v1/embeddings", 400, BAD, json={"model": "tiny", "input": []}
@@ -312,11 +342,17 @@ def test_hostile_request_gets_its_error(client: httpx.Client, case: Hostile) -> 
     response = client.request(case.method, case.path, **kwargs)
     assert response.status_code == case.status, response.text
     assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] == case.code
-    if case.path.startswith("/v1/"):
+    body = response.json()
+    error = body["error"]
+    if case.path.startswith("/v1/messages"):
+        # Anthropic's shape: the error's type is what the other dialects call its code.
+        assert body["type"] == "error" and set(error) == {"type", "message"}
+        assert error["type"] == case.code
+    elif case.path.startswith("/v1/"):
+        assert error["code"] == case.code
         assert set(error) == {"message", "type", "param", "code"}
     else:
+        assert error["code"] == case.code
         assert set(error) == {"code", "message", "details"}
     assert "Traceback" not in response.text and API_KEY not in response.text
     if case.status == 401:

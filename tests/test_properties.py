@@ -232,7 +232,7 @@ valid_embedding = st.fixed_dictionaries(
 
 def use_chat(request: ChatCompletionRequest) -> None:
     """Everything the chat endpoint derives from a validated request before generating."""
-    request.check_single_choice()
+    request.choices()
     request.logprobs_top_n()
     request.requested_max_tokens()
     request.include_usage()
@@ -241,14 +241,15 @@ def use_chat(request: ChatCompletionRequest) -> None:
 
 
 def use_completion(request: CompletionRequest) -> None:
-    request.check_supported()
+    request.candidates()
+    request.generation_logprobs()
     for prompt in request.prompts():
         request.to_input(prompt)
     request.stop_list()
 
 
 def use_embedding(request: EmbeddingRequest) -> None:
-    request.texts()
+    request.inputs()
 
 
 @PROPERTY_SETTINGS
@@ -276,7 +277,7 @@ def test_valid_completion_requests_validate(data: dict[str, Any]) -> None:
 def test_valid_embedding_requests_validate(data: dict[str, Any]) -> None:
     request = parse_body(EmbeddingRequest, data)
     given_input = data["input"]
-    assert request.texts() == ([given_input] if isinstance(given_input, str) else given_input)
+    assert request.inputs() == ([given_input] if isinstance(given_input, str) else given_input)
 
 
 def parse_and_use(model: type[BaseModel], use: Callable[[Any], None], data: Any) -> None:

@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute
 
 from shimmy import __version__
-from shimmy.api.errors import has_flat_errors, is_openai_path
+from shimmy.api.errors import has_flat_errors, is_anthropic_path, is_openai_path
 from shimmy.api.openapi.components import Schema, model_schemas, ref
-from shimmy.api.protocol.errors import FlatError, NativeError, OpenAIError
+from shimmy.api.protocol.errors import AnthropicError, FlatError, NativeError, OpenAIError
 from shimmy.api.routing import RouteEntry, RouteFacts, walk_routes
 from shimmy.api.security import keys_configured
 from shimmy.settings import Settings
@@ -126,12 +126,6 @@ class _Operations:
         return operation
 
 
-def _error_model(path: str) -> type[BaseModel]:
-    if is_openai_path(path):
-        return OpenAIError
-    return FlatError if has_flat_errors(path) else NativeError
-
-
 def _operation_id(method: str, template: str) -> str:
     words = re.findall(r"[A-Za-z0-9]+", template)
     return "_".join([method.lower(), *words]) if words else f"{method.lower()}_root"
@@ -172,7 +166,9 @@ def build_openapi(settings: Settings, routes: Iterable[BaseRoute] | None = None)
     websockets = [entry for entry, _ in _declared(e for e in entries if e.websocket)]
     requests = [facts.body for _, facts in http if facts.body is not None]
     responses = [facts.response for _, facts in http if facts.response is not None]
-    names, schemas = model_schemas(requests, [*responses, NativeError, OpenAIError, FlatError])
+    names, schemas = model_schemas(
+        requests, [*responses, NativeError, OpenAIError, FlatError, AnthropicError]
+    )
     ops = _Operations(settings, names)
     paths: dict[str, Schema] = {}
     for entry, facts in http:
@@ -197,3 +193,12 @@ def build_openapi(settings: Settings, routes: Iterable[BaseRoute] | None = None)
         }
         document["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
     return document
+
+
+def _error_model(path: str) -> type[BaseModel]:
+    # The error body of a path, as shimmy.api.errors chooses it.
+    if is_anthropic_path(path):
+        return AnthropicError
+    if is_openai_path(path):
+        return OpenAIError
+    return FlatError if has_flat_errors(path) else NativeError

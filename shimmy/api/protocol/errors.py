@@ -1,8 +1,10 @@
 """The error bodies, as ``shimmy.api.errors`` renders them: native (also LocalLab's), OpenAI's
-(every path under ``/v1``) and the bare message of Ollama and RKLLama (``/ollama``,
-``/rkllama``)."""
+(every path under ``/v1``), Anthropic's (under ``/v1/messages``) and the bare message of Ollama
+and RKLLama (``/ollama``, ``/rkllama``)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from shimmy.api.protocol.responses import ResponseModel
 
@@ -36,3 +38,15 @@ class FlatError(ResponseModel):
     """``{"error": "message"}``, as Ollama and RKLLama answer."""
 
     error: str
+
+
+class AnthropicErrorDetail(ResponseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(ResponseModel):
+    """``{"type": "error", "error": {"type", "message"}}``, as Anthropic answers."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
