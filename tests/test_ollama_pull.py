@@ -42,7 +42,9 @@ def hub(mirror: Any, monkeypatch: pytest.MonkeyPatch, tiny_model_bytes: bytes) -
 
 @pytest.fixture
 def ports(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Ports]:
-    with run_with_ollama_port(isolated_settings(tiny_model_dir, tmp_path)) as running:
+    with run_with_ollama_port(
+        isolated_settings(tiny_model_dir, tmp_path, allow_private_pull=True)
+    ) as running:
         yield running
 
 

@@ -51,7 +51,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def base(tiny_model_dir: Path, tmp_path: Path) -> Iterator[str]:
     # RKLLama requests name no length: a small cap keeps the tiny model's answers short.
-    settings = isolated_settings(tiny_model_dir, tmp_path, max_tokens_cap=6)
+    settings = isolated_settings(
+        tiny_model_dir, tmp_path, max_tokens_cap=6, allow_private_pull=True
+    )
     with run_server(settings) as url:
         yield f"{url}/rkllama"
 

@@ -129,6 +129,7 @@ def test_response_models_allow_additions_and_state_no_defaults() -> None:
         "loaded": False,
         "source": "model_paths",
         "usable": True,
+        "verified": False,
         "added_later": 1,
     }
     assert ModelInfo.model_validate(info).model_dump(exclude_none=True)["added_later"] == 1
