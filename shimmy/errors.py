@@ -69,6 +69,14 @@ class TemplateError(InvalidRequest):
     message = "The model's chat template could not be rendered"
 
 
+class FimUnsupported(InvalidRequest):
+    """A suffix (fill-in-the-middle) was sent to a model without FIM tokens: answered, never
+    ignored, since a prefix-only continuation would look like an answer and be wrong."""
+
+    code = "fim_unsupported"
+    message = "This model cannot fill in the middle"
+
+
 class Unauthorized(ShimmyError):
     code = "unauthorized"
     status = 401

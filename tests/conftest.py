@@ -38,6 +38,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fim_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiny models: ``coder`` (FIM with repository and file separators), ``basic`` (FIM
+    prefix, suffix, middle and pad only) and ``tiny`` (no FIM tokens)."""
+    folder = tmp_path_factory.mktemp("fim-models")
+    write_tiny_gguf(folder / "coder.gguf", fim="repo", name="coder")
+    write_tiny_gguf(folder / "basic.gguf", fim="basic", name="basic")
+    write_tiny_gguf(folder / "tiny.gguf")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path(tiny_model_dir: Path) -> Path:
     return tiny_model_dir / "tiny.gguf"
 

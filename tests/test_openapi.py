@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from shimmy.api.app import create_app
+from shimmy.api.llamacpp.protocol import InfillRequest
 from shimmy.api.locallab.protocol import BatchBody, ChatBody, GenerateBody, LoadBody
 from shimmy.api.native.protocol import GenerateRequest
 from shimmy.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -140,6 +141,7 @@ def test_request_schemas_are_the_validating_models() -> None:
         (ChatBody, "LocalLabChatRequest"),
         (BatchBody, "LocalLabBatchRequest"),
         (LoadBody, "LocalLabLoadRequest"),
+        (InfillRequest, "InfillRequest"),
     ]
     for model, name in validating:
         assert set(schemas[name]["properties"]) == set(model.model_fields), name
@@ -149,15 +151,15 @@ def test_request_schemas_are_the_validating_models() -> None:
         "/chat": "LocalLabChatRequest",
         "/generate/batch": "LocalLabBatchRequest",
         "/models/load": "LocalLabLoadRequest",
+        "/infill": "InfillRequest",
     }
     for path, name in bodies.items():
         body_schema = document["paths"][path]["post"]["requestBody"]["content"]
         assert body_schema["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
     # /api/generate/batch validates its shared options as a GenerateRequest.
     batch = set(schemas["BatchRequest"]["properties"])
-    assert batch == set(GenerateRequest.model_fields) - {"prompt", "messages", "stream"} | {
-        "prompts"
-    }
+    alone = {"prompt", "messages", "prefix", "stream"}  # one per prompt, or not batched
+    assert batch == set(GenerateRequest.model_fields) - alone | {"prompts"}
 
 
 # Requests that succeed on the tiny model, in an order that leaves something to report (a loaded
@@ -224,6 +226,13 @@ def test_locallab_errors_use_the_native_error_body() -> None:
         for status in ("400", "404", "503", "default"):
             schema = responses[status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/NativeError"}, (path, status)
+
+
+def test_llamacpp_routes_use_llamacpps_error_body() -> None:
+    responses = build_openapi(Settings())["paths"]["/infill"]["post"]["responses"]
+    for status in ("400", "404", "503", "default"):
+        schema = responses[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/LlamaCppError"}, status
 
 
 def test_security_and_limits_are_described_only_when_configured() -> None:

@@ -121,7 +121,8 @@ def test_nonsense_limits_are_refused(per_minute: float, burst: int, max_clients:
         ('{"cancel": 1}', False),
         ('{"prompt": "x"}', False),
         ("not json", False),
-        ('{"cancel": true, "pad": "' + "x" * 100 + '"}', False),
+        ('{"cancel": true, "id": "' + "x" * 128 + '"}', True),  # the longest id there is
+        ('{"cancel": true, "pad": "' + "x" * 300 + '"}', False),
     ],
 )
 def test_cancel_frames_are_recognized(text: str, cancel: bool) -> None:

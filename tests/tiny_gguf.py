@@ -25,6 +25,19 @@ N_LAYER = 2
 BOS, EOS = "<s>", "</s>"
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n"]
 
+# Fill-in-the-middle tokens, by their GGUF key. The spellings are this model's own, not a
+# family's that llama.cpp would recognise by name: it must find them through the keys.
+FIM_TOKENS = {
+    "pre": "<|tiny_fim_pre|>",
+    "suf": "<|tiny_fim_suf|>",
+    "mid": "<|tiny_fim_mid|>",
+    "pad": "<|tiny_fim_pad|>",
+    "rep": "<|tiny_repo|>",
+    "sep": "<|tiny_file|>",
+}
+# "basic": prefix, suffix, middle and pad; "repo": also the repository and file separators.
+FIM_KINDS = {"basic": ("pre", "suf", "mid", "pad"), "repo": tuple(FIM_TOKENS)}
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table."""
@@ -43,15 +56,22 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
 
 
-def vocabulary() -> tuple[list[str], list[int]]:
+def vocabulary(fim: str | None = None) -> tuple[list[str], list[int]]:
     tokens = [_bytes_to_unicode()[b] for b in range(256)]
     types = [int(TokenType.NORMAL)] * 256
     for merge in MERGES:
         tokens.append(merge.replace(" ", ""))
         types.append(int(TokenType.NORMAL))
-    tokens += [BOS, EOS]
-    types += [int(TokenType.CONTROL)] * 2
+    specials = [BOS, EOS, *(FIM_TOKENS[name] for name in FIM_KINDS.get(fim or "", ()))]
+    tokens += specials
+    types += [int(TokenType.CONTROL)] * len(specials)
     return tokens, types
+
+
+def fim_token_ids(fim: str) -> dict[str, int]:
+    """The ids of a FIM model's FIM tokens (``write_tiny_gguf(..., fim=fim)``), by key."""
+    tokens, _ = vocabulary(fim)
+    return {name: tokens.index(FIM_TOKENS[name]) for name in FIM_KINDS[fim]}
 
 
 def write_tiny_gguf(
@@ -64,11 +84,13 @@ def write_tiny_gguf(
     head_count: int = N_HEAD,
     head_count_kv: int = N_HEAD,
     block_count: int = N_LAYER,
+    fim: str | None = None,
 ) -> Path:
     """The model; the hyperparameters can be set to values no model has, for tests of how
-    such a file is refused (the tensors keep their real shapes)."""
+    such a file is refused (the tensors keep their real shapes). ``fim``: None, or a kind of
+    ``FIM_KINDS`` for a model that can fill in the middle."""
     rng = np.random.default_rng(seed)
-    tokens, types = vocabulary()
+    tokens, types = vocabulary(fim)
     n_vocab = len(tokens)
     bos_id, eos_id = tokens.index(BOS), tokens.index(EOS)
 
@@ -93,6 +115,9 @@ def write_tiny_gguf(
     writer.add_add_bos_token(True)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    fim_ids = fim_token_ids(fim) if fim is not None else {}
+    for key, token_id in fim_ids.items():
+        writer.add_uint32(f"tokenizer.ggml.fim_{key}_token_id", token_id)
 
     def weight(*shape: int, scale: float = 0.02) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -101,8 +126,11 @@ def write_tiny_gguf(
     embd[:, 0] = 3.0
     output = weight(n_vocab, N_EMBD, scale=1.0)
     output[:, 0] = 0.0
-    output[eos_id, :] = 0.0
-    output[eos_id, 0] = -20.0
+    # End of text, and the FIM tokens (pad, repository and file separator end a generation
+    # too), are kept out of the random output the same way.
+    for quiet in (eos_id, *fim_ids.values()):
+        output[quiet, :] = 0.0
+        output[quiet, 0] = -20.0
 
     writer.add_tensor("token_embd.weight", embd)
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))

@@ -32,6 +32,7 @@ from shimmy.api.admin import system
 from shimmy.api.anthropic import routes as anthropic
 from shimmy.api.auth_failures import AuthFailureMiddleware
 from shimmy.api.body_rate import BodyRateMiddleware
+from shimmy.api.llamacpp import routes as llamacpp
 from shimmy.api.locallab import routes as locallab
 from shimmy.api.native import routes as native
 from shimmy.api.ollama import routes as ollama
@@ -46,6 +47,7 @@ from shimmy.api.ws import routes as ws
 from shimmy.engine.protocol import EngineHooks
 from shimmy.errors import PayloadTooLarge, ShimmyError, unexpected_error
 from shimmy.registry import ModelRegistry
+from shimmy.serving.lanes import Lanes
 from shimmy.settings import Settings
 from shimmy.web import routes as web
 
@@ -157,6 +159,7 @@ def route_table(settings: Settings) -> list[BaseRoute]:
         # (and Ollama its own port too: shimmy.api.ollama.listener).
         Mount("/ollama", routes=ollama.routes),
         Mount("/rkllama", routes=rkllama.routes),
+        *llamacpp.routes,
         *(web.routes if settings.web_ui else []),
     ]
 
@@ -220,4 +223,6 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.started_at = time.monotonic()
     app.state.request_count = 0
     app.state.responses = ResponseStore(settings.responses_store_size)
+    # Cancel-and-replace lanes of code completions sent with an X-Client-Id.
+    app.state.lanes = Lanes()
     return app

@@ -35,6 +35,8 @@ OPENAI_PREFIX = "/v1"
 ANTHROPIC_PREFIX = "/v1/messages"
 # Ollama's and RKLLama's clients read a bare message: ``{"error": "..."}``.
 FLAT_ERROR_PREFIXES = ("/ollama", "/rkllama")
+# llama.cpp's server routes (shimmy.api.llamacpp) answer errors the way llama.cpp does.
+LLAMACPP_PATHS = frozenset({"/infill"})
 
 # How many pydantic errors one response lists; a huge invalid body must not make a huge reply.
 _MAX_LISTED_ERRORS = 5
@@ -60,6 +62,10 @@ def error_message(err: ShimmyError) -> str:
 
 def flat_error_body(err: ShimmyError) -> dict[str, Any]:
     return {"error": error_message(err)}
+
+
+def is_llamacpp_path(path: str) -> bool:
+    return path in LLAMACPP_PATHS
 
 
 def native_error_body(err: ShimmyError) -> dict[str, Any]:
@@ -118,6 +124,25 @@ def anthropic_error_body(err: ShimmyError) -> dict[str, Any]:
     }
 
 
+def llamacpp_error_body(err: ShimmyError) -> dict[str, Any]:
+    """``{"error": {"code": <HTTP status>, "message", "type"}}``, llama.cpp's error body."""
+    message = f"{err.message}: {err.details}" if err.details else err.message
+    kind = openai_error_type(err.status)
+    if err.code == "context_length_exceeded":
+        kind = "exceed_context_size_error"
+    elif err.status in _LLAMACPP_TYPES:
+        kind = _LLAMACPP_TYPES[err.status]
+    return {"error": {"code": err.status, "message": message, "type": kind}}
+
+
+_LLAMACPP_TYPES = {
+    403: "permission_error",
+    404: "not_found_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
+
+
 def ws_error_frame(err: ShimmyError) -> dict[str, Any]:
     message = f"{err.message}: {err.details}" if err.details else err.message
     return {"error": {"code": err.code, "message": message}}
@@ -141,6 +166,8 @@ def error_response(
         body = openai_error_body(err)
     elif has_flat_errors(path):
         body = flat_error_body(err)
+    elif is_llamacpp_path(path):
+        body = llamacpp_error_body(err)
     else:
         body = native_error_body(err)
     all_headers = {**_retry_after_header(err), **(headers or {})}

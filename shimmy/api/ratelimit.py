@@ -36,8 +36,9 @@ from shimmy.errors import RateLimited
 from shimmy.settings import Settings
 
 DEFAULT_MAX_CLIENTS = 10_000
-# A cancel frame is tiny; anything longer is not worth parsing to find out.
-_MAX_CANCEL_FRAME_CHARS = 64
+# A cancel frame is tiny (its id at most 128 characters); anything longer is not worth
+# parsing to find out.
+_MAX_CANCEL_FRAME_CHARS = 256
 
 Clock = Callable[[], float]
 

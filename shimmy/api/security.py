@@ -42,10 +42,11 @@ from shimmy.settings import Settings
 POLICY_VIOLATION = 1008
 
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-# The Anthropic SDK sends its version headers from browsers too (with direct browser access on).
+# The Anthropic SDK sends its version headers from browsers too (with direct browser access on);
+# X-Client-Id is code completion's cancel-and-replace key.
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Api-Key, X-Shimmy-Wait, Anthropic-Version, Anthropic-Beta, "
-    "Anthropic-Dangerous-Direct-Browser-Access"
+    "Anthropic-Dangerous-Direct-Browser-Access, X-Client-Id"
 )
 # Browser scripts may only read response headers they are told about.
 CORS_EXPOSE_HEADERS = "Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"

@@ -21,6 +21,7 @@ from shimmy.engine.stream import GenerationStream
 from shimmy.engine.textstream import TextAssembler
 from shimmy.engine.types import (
     EmbeddingResult,
+    FimTokens,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -54,6 +55,7 @@ class FakeEngine:
         *,
         hooks: EngineHooks | None = None,
         script: Script = _default_script,
+        fim_tokens: FimTokens | None = None,
     ) -> None:
         self.options = options or ModelOptions()
         self.settings = settings.model_copy(update=self.options.settings_overrides())
@@ -68,6 +70,9 @@ class FakeEngine:
         self.keep_alive = self.settings.keep_alive
         self.last_used = time.monotonic()
         self.requests: list[GenerationRequest] = []
+        # None: like most chat models, it cannot fill in the middle. Token ids are bytes here,
+        # so FIM tokens given for a test should lie above 255.
+        self.fim_tokens = fim_tokens
         self._hooks = hooks or EngineHooks()
         self._script = script
         self._playing: set[asyncio.Task[None]] = set()
@@ -99,7 +104,7 @@ class FakeEngine:
         enqueued = time.monotonic()
         prompt = request.prompt
         usage = Usage(len(prompt) if isinstance(prompt, list) else self.count_tokens(prompt))
-        assembler = TextAssembler(request.stop)
+        assembler = TextAssembler(request.stop, request.early_stop)
         try:
             pieces = list(self._script(request))
         except ShimmyError as exc:  # a script may play an engine error, e.g. a too long prompt
@@ -123,14 +128,14 @@ class FakeEngine:
             if text:
                 stream.push(TextDelta(text))
             if assembler.stopped:
-                reason = "stop"
+                reason = "length" if assembler.cause == "time_budget" else "stop"
                 break
         tail = assembler.finish()
         if tail:
             stream.push(TextDelta(tail))
         if self._hooks.on_finish is not None:
             self._hooks.on_finish(self.entry.id, usage, enqueued, first)
-        stream.push(Finished(reason, usage, stop_sequence=assembler.matched))
+        stream.push(Finished(reason, usage, stop_sequence=assembler.matched, cause=assembler.cause))
 
     def _played(self, task: asyncio.Task[None]) -> None:
         self._playing.discard(task)
@@ -140,6 +145,9 @@ class FakeEngine:
 
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return list(text.encode())
+
+    async def tokenize_literal(self, texts: list[str]) -> list[list[int]]:
+        return [list(text.encode()) for text in texts]
 
     async def detokenize(self, tokens: list[int]) -> str:
         return bytes(t for t in tokens if 0 <= t < 256).decode("utf-8", "replace")

@@ -17,7 +17,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from shimmy.engine.types import SamplingParams
+from shimmy.engine.chain import add_named_samplers
+from shimmy.engine.types import FimTokens, SamplingParams
 from shimmy.errors import GenerationFailed, InvalidRequest, ModelUnusable, ServerError
 
 log = logging.getLogger(__name__)
@@ -111,16 +112,22 @@ class LlamaModel:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """``parse_special``: spellings of special tokens (``<|fim_prefix|>``) become those
+        tokens; off for text that must stay text, such as a file's contents."""
         data = text.encode("utf-8", errors="replace")
         capacity = len(data) + 8
         buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
         if n < 0:  # the buffer was too small: -n is the size needed
             capacity = -n
             buf = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(
-                self.vocab, data, len(data), buf, capacity, add_special, True
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special
             )
         if n < 0:
             raise InvalidRequest("the prompt could not be tokenized")
@@ -145,6 +152,30 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def fim_tokens(self) -> FimTokens | None:
+        """The vocabulary's fill-in-the-middle tokens, as llama.cpp found them (the GGUF's
+        ``tokenizer.ggml.fim_*_token_id`` keys, else well-known token spellings); None unless
+        it has all three of prefix, suffix and middle."""
+
+        def token(accessor: Callable[[object], int]) -> int | None:
+            value = int(accessor(self.vocab))
+            return value if value >= 0 else None  # LLAMA_TOKEN_NULL is -1
+
+        pre = token(llama_cpp.llama_vocab_fim_pre)
+        suf = token(llama_cpp.llama_vocab_fim_suf)
+        mid = token(llama_cpp.llama_vocab_fim_mid)
+        if pre is None or suf is None or mid is None:
+            return None
+        return FimTokens(
+            pre=pre,
+            suf=suf,
+            mid=mid,
+            pad=token(llama_cpp.llama_vocab_fim_pad),
+            rep=token(llama_cpp.llama_vocab_fim_rep),
+            sep=token(llama_cpp.llama_vocab_fim_sep),
+            bos=self.bos if self.add_bos and self.bos >= 0 else None,
+        )
 
 
 class LlamaContext:
@@ -292,6 +323,9 @@ class Sampler:
             if not grammar:
                 raise InvalidRequest("the grammar could not be parsed", param="grammar")
             self.grammar = grammar
+        if p.chain is not None:
+            add_named_samplers(self._add, model.vocab, model.n_vocab, p, self.seed)
+            return
         if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             self._add(
                 llama_cpp.llama_sampler_init_penalties(

@@ -85,6 +85,7 @@ class LocalEngine:
             on_progress=functools.partial(progress, entry.id) if progress else None,
         )
         self.n_gpu_layers = n_gpu_layers
+        self.fim_tokens = self.model.fim_tokens()
         self.n_ctx = min(settings.ctx_size, self.model.n_ctx_train or settings.ctx_size)
         self.n_parallel = settings.parallel
         self.threads = settings.threads or default_threads()
@@ -148,6 +149,12 @@ class LocalEngine:
 
     async def detokenize(self, tokens: list[int]) -> str:
         return await asyncio.to_thread(self.model.detokenize, tokens)
+
+    async def tokenize_literal(self, texts: list[str]) -> list[list[int]]:
+        def run() -> list[list[int]]:
+            return [self.model.tokenize(t, add_special=False, parse_special=False) for t in texts]
+
+        return await asyncio.to_thread(run)
 
     def count_tokens(self, text: str, *, add_special: bool = True) -> int:
         return len(self.model.tokenize(text, add_special=add_special))

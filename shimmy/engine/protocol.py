@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shimmy.chat.templates import ChatTemplate
-from shimmy.engine.types import EmbeddingResult, Event, Finished, GenerationRequest, Usage
+from shimmy.engine.types import (
+    EmbeddingResult,
+    Event,
+    FimTokens,
+    Finished,
+    GenerationRequest,
+    Usage,
+)
 from shimmy.models.config import ModelOptions
 from shimmy.models.entry import ModelEntry
 from shimmy.settings import Settings
@@ -105,7 +112,18 @@ class Engine(Protocol):
         """Queue several requests atomically: all are accepted or none (``ServerBusy``)."""
         ...
 
+    @property
+    def fim_tokens(self) -> FimTokens | None:
+        """The model's fill-in-the-middle tokens; None: it cannot fill in the middle."""
+        ...
+
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    async def tokenize_literal(self, texts: list[str]) -> list[list[int]]:
+        """Each text's tokens as plain text: no BOS, and spellings of special tokens stay text
+        (code may well contain ``<|fim_prefix|>``). One call for many texts: a FIM prompt is
+        several pieces, and an engine in another process answers them in one round trip."""
+        ...
 
     async def detokenize(self, tokens: list[int]) -> str: ...
 

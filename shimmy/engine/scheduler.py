@@ -32,6 +32,7 @@ from shimmy.engine.types import (
     FinishReason,
     GenerationRequest,
     PromptToken,
+    StopCause,
     TextDelta,
     Usage,
 )
@@ -163,8 +164,10 @@ class Scheduler:
                 for call in calls:
                     call.run()
                 self._drop_cancelled_queued()
-                self._admit()
+                # Reaped before admitting: a request that replaces a cancelled one (the next
+                # keystroke of an editor) then finds that one's slot free, with its cache.
                 self._reap_cancelled_and_expired()
+                self._admit()
                 if any(s.job is not None for s in self._slots):
                     self._step()
         except BaseException:  # pragma: no cover - a bug in the scheduler itself
@@ -306,13 +309,14 @@ class Scheduler:
     def _sample(self, slot: Slot) -> None:
         assert slot.sampler is not None and slot.assembler is not None and slot.job is not None
         if slot.max_new <= 0:
-            # max_tokens 0: only the prompt was wanted (scored, for echo).
+            # max_tokens 0: only the prompt was wanted (scored for echo, or read into the cache).
             self._finish(slot, "length")
             return
         token = slot.sampler.sample(self.ctx, slot.batch_index)
         if self.model.is_eog(token):
-            self._finish(slot, "stop")
+            self._finish(slot, "stop", cause="eog")
             return
+        self._check_time_budget(slot)
         slot.count_token()
         self.counters["tokens_generated"] += 1
         piece = self.model.token_bytes(token, self._piece_buf)
@@ -325,7 +329,8 @@ class Scheduler:
         if text or logprobs:
             slot.job.stream.push(TextDelta(text, logprobs))
         if slot.assembler.stopped:
-            self._finish(slot, "stop")
+            cause = slot.assembler.cause
+            self._finish(slot, "length" if cause == "time_budget" else "stop", cause=cause)
         elif slot.generated >= slot.max_new:
             self._finish(slot, "length")
         else:
@@ -334,8 +339,18 @@ class Scheduler:
     def _token_bytes(self, token: int) -> bytes:
         return self.model.token_bytes(token, self._piece_buf)
 
+    def _check_time_budget(self, slot: Slot) -> None:
+        """A spent time budget ends the completion at its next newline (llama.cpp's
+        ``t_max_predict_ms``: counted from the first token, so a slow prompt is not charged)."""
+        assert slot.job is not None and slot.assembler is not None
+        rules = slot.job.request.early_stop
+        if rules is None or rules.time_budget is None or not slot.generated:
+            return
+        if time.monotonic() - slot.first_token_at > rules.time_budget:
+            slot.assembler.expire()
+
     # --- ending requests -----------------------------------------------------------------
-    def _finish(self, slot: Slot, reason: FinishReason) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason, *, cause: StopCause | None = None) -> None:
         usage = slot.finish()
         matched = slot.assembler.matched if slot.assembler is not None else None
         scores = slot.scores
@@ -345,7 +360,9 @@ class Scheduler:
         # another request) already sees the slot free.
         job = self._release(slot)
         if job is not None:
-            job.stream.push(Finished(reason, usage, stop_sequence=matched, prompt_tokens=scores))
+            job.stream.push(
+                Finished(reason, usage, stop_sequence=matched, prompt_tokens=scores, cause=cause)
+            )
 
     def _report_finish(self, slot: Slot, usage: Usage) -> None:
         if self.hooks.on_finish is None or slot.job is None:

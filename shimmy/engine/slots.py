@@ -62,7 +62,7 @@ class Slot:
         self.sampler = sampler
         self.job = job
         self.prompt = prompt
-        self.assembler = TextAssembler(job.request.stop)
+        self.assembler = TextAssembler(job.request.stop, job.request.early_stop)
         self.next_token = None
         self.batch_index = -1
         self.max_new = max_new

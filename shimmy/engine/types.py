@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
+# What ended a generation early, when it was not the length limit: the model's end-of-generation
+# token, a stop string, or one of code completion's line rules (``EarlyStop``).
+StopCause = Literal["eog", "stop_string", "max_lines", "min_indent", "time_budget"]
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,41 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int | None = None  # None = a fresh random seed per request
     grammar: str | None = None  # GBNF, root rule "root"
+    # llama.cpp's sampler names in the order to chain them ("top_k", "top_p", "infill", ...);
+    # None = shimmy's chain (penalties, top-k, top-p, min-p, temperature). See engine/chain.py.
+    chain: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Code completion's early ends, each at a line boundary, so an editor never gets half a
+    line. The newline where a completion ends is not part of its text."""
+
+    max_lines: int | None = None  # at most this many lines (1 = stop at the first newline)
+    min_indent: int = 0  # a later line indented by fewer spaces/tabs than this ends it
+    # Seconds after the first token; once spent, the completion ends at its next newline.
+    time_budget: float | None = None
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """A vocabulary's fill-in-the-middle tokens (llama.cpp's ``llama_vocab_fim_*``). ``rep``
+    and ``sep`` (repository name, file separator) exist in repository-level FIM models only."""
+
+    pre: int
+    suf: int
+    mid: int
+    pad: int | None = None
+    rep: int | None = None
+    sep: int | None = None
+    bos: int | None = None  # the BOS a prompt of this model starts with; None: it takes none
 
 
 @dataclass
 class GenerationRequest:
     """One completion. ``prompt`` is text (special tokens such as ``<start_of_turn>`` are parsed)
-    or already-tokenized ids. ``max_tokens`` None means "until the context is full"."""
+    or already-tokenized ids. ``max_tokens`` None means "until the context is full"; 0 means
+    "only read the prompt" (it fills the prefix cache, as editor plugins do ahead of time)."""
 
     prompt: str | list[int]
     max_tokens: int | None = 100
@@ -36,6 +68,7 @@ class GenerationRequest:
     # Score the prompt too: each prompt token's logprob and top-N alternatives (OpenAI's
     # ``echo`` with ``logprobs``). None = off. The prompt is then decoded whole, never reused.
     prompt_logprobs: int | None = None
+    early_stop: EarlyStop | None = None
 
 
 @dataclass
@@ -87,6 +120,8 @@ class Finished:
     # The stop string that ended the reply ("stop" only; None for an end-of-generation token).
     stop_sequence: str | None = None
     prompt_tokens: list[PromptToken] | None = None  # when ``prompt_logprobs`` was asked for
+    # What ended it before max_tokens; None when it ran to max_tokens or was cancelled.
+    cause: StopCause | None = None
 
 
 Event = TextDelta | Finished

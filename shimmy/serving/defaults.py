@@ -31,6 +31,7 @@ class Dialect(StrEnum):
     LOCALLAB = "locallab"
     OLLAMA = "ollama"  # /api/generate and /api/chat of Ollama's API (under /ollama)
     RKLLAMA = "rkllama"
+    LLAMACPP = "llamacpp"  # llama.cpp's server routes: /infill
     CLI_GENERATE = "cli_generate"
     CLI_CHAT = "cli_chat"
     CLI_PROBE = "cli_probe"
@@ -84,6 +85,11 @@ DEFAULTS: Mapping[Dialect, DialectDefaults] = MappingProxyType(
         # RKLLama's rkllm parameters: top_k 1 (greedy), temperature 0.8, repeat penalty 1.1.
         Dialect.RKLLAMA: DialectDefaults(
             max_tokens=None, temperature=0.8, top_p=0.9, top_k=1, repetition_penalty=1.1
+        ),
+        # llama.cpp's common_params_sampling; n_predict -1 (no limit) takes
+        # open_max_tokens, as every open-ended dialect does.
+        Dialect.LLAMACPP: DialectDefaults(
+            None, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, repetition_penalty=1.0
         ),
         Dialect.CLI_GENERATE: DialectDefaults(max_tokens=50),
         Dialect.CLI_CHAT: DialectDefaults(max_tokens=1024),

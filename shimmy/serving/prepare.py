@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shimmy.engine.types import GenerationRequest, SamplingParams
+from shimmy.engine.types import EarlyStop, GenerationRequest, SamplingParams
 from shimmy.errors import InvalidRequest
 from shimmy.serving.chat import (
     Message,
@@ -28,6 +28,7 @@ from shimmy.serving.chat import (
     template_messages,
 )
 from shimmy.serving.defaults import DEFAULTS, Dialect
+from shimmy.serving.fim import FimInput, fim_prompt
 from shimmy.serving.structured import (
     ToolSpec,
     json_instruction,
@@ -61,10 +62,12 @@ class GenerationInput:
     tool_choice: ToolChoice | None = None
     wire_tools: list[dict[str, Any]] | None = None  # the tools as sent, for native templates
     response_format: ResponseFormat | None = None
+    fim: FimInput | None = None  # fill in the middle (serving/fim.py), instead of a prompt
+    early_stop: EarlyStop | None = None
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("a generation has either a prompt or messages")
+        if [self.prompt, self.messages, self.fim].count(None) != 2:
+            raise ValueError("a generation has one of a prompt, messages or a FIM input")
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Prepared:
     # The request field an engine error is about, in the dialect's terms (see ``run``).
     prompt_param: str = "prompt"
     grammar_param: str | None = None
+    truncated: bool = False  # the FIM prompt lost text to fit the context
 
 
 async def prepare(
@@ -92,6 +96,7 @@ async def prepare(
     tools = plan_tools(given.tools, given.tool_choice, given.wire_tools)
     grammar: str | None = None
     grammar_param: str | None = None
+    truncated = False
     stop = list(given.stop)
     if tools.forced:
         grammar = await asyncio.to_thread(tool_call_grammar, tools.forced)
@@ -119,6 +124,12 @@ async def prepare(
             engine.template.render, messages, tools=wire_tools
         )
         stop += [marker for marker in engine.template.stop_strings if marker not in stop]
+    elif given.fim is not None:
+        if given.system is not None:
+            raise InvalidRequest("a system prompt cannot be used with a suffix", param="system")
+        max_tokens = _max_tokens(given.max_tokens, model_defaults, dialect, settings)
+        fim = await fim_prompt(engine, given.fim, max_tokens=max_tokens)
+        prompt, truncated = fim.tokens, fim.truncated
     else:
         assert given.prompt is not None
         prompt = given.prompt
@@ -135,9 +146,10 @@ async def prepare(
         stop=stop,
         logprobs=given.logprobs,
         prompt_logprobs=given.prompt_logprobs,
+        early_stop=given.early_stop,
     )
     default_param = "messages" if given.messages is not None else "prompt"
-    return Prepared(request, tools, prompt_param or default_param, grammar_param)
+    return Prepared(request, tools, prompt_param or default_param, grammar_param, truncated)
 
 
 def variants(prepared: Prepared, n: int) -> list[Prepared]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -85,6 +86,7 @@ class Collected:
     finished: Finished
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # where each token's text starts
+    first_event_at: float | None = None  # time.monotonic() of its first event
 
 
 async def _drain(stream: Stream) -> Collected:
@@ -92,7 +94,9 @@ async def _drain(stream: Stream) -> Collected:
     logprobs: list[TokenLogprob] = []
     offsets: list[int] = []
     length = 0
+    first: float | None = None
     async for event in stream:
+        first = first or time.monotonic()
         if isinstance(event, TextDelta):
             for token in event.logprobs or ():
                 logprobs.append(token)
@@ -100,7 +104,7 @@ async def _drain(stream: Stream) -> Collected:
             parts.append(event.text)
             length += len(event.text)
         else:
-            return Collected("".join(parts), event, logprobs, offsets)
+            return Collected("".join(parts), event, logprobs, offsets, first)
     raise GenerationFailed("the generation ended unexpectedly")
 
 

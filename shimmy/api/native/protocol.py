@@ -31,11 +31,13 @@ from shimmy.api.protocol.common import (
     WireModel,
     validate_body,
 )
+from shimmy.api.protocol.fim import ExtraFiles, Indent, LineCount, Milliseconds, seconds
 from shimmy.api.protocol.responses import ResponseModel, Usage
-from shimmy.engine.types import FinishReason
+from shimmy.engine.types import EarlyStop, FinishReason
 from shimmy.errors import InvalidRequest
 from shimmy.serving.chat import Message
 from shimmy.serving.defaults import DEFAULTS, Dialect
+from shimmy.serving.fim import FimInput
 from shimmy.serving.prepare import GenerationInput
 
 MAX_BATCH_PROMPTS = 64
@@ -60,14 +62,43 @@ class GenerateRequest(WireModel):
     stop: StopList = Field(default_factory=list)
     stream: StrictBool = False
     keep_alive: Annotated[float | None, BeforeValidator(parse_keep_alive)] = None
+    # Code completion: fill in the middle between prefix (or prompt) and suffix.
+    prefix: StrictStr | None = None
+    suffix: StrictStr | None = None
+    extra: ExtraFiles | None = None
+    max_lines: LineCount | None = None
+    min_indent: Indent | None = None
+    time_budget_ms: Milliseconds | None = None
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
-        if self.prompt is None and self.messages is None:
+        given = [
+            name for name in ("prompt", "messages", "prefix") if getattr(self, name) is not None
+        ]
+        if not given:
             raise ValueError("Either 'prompt' or 'messages' is required")
-        if self.prompt is not None and self.messages is not None:
-            raise ValueError("Give either 'prompt' or 'messages', not both")
+        if len(given) > 1:
+            raise ValueError(f"Give one of {' and '.join(repr(g) for g in given)}, not both")
+        if self.messages is not None and (self.suffix is not None or self.extra is not None):
+            raise ValueError("'suffix' and 'extra' go with 'prompt' or 'prefix', not 'messages'")
         return self
+
+    def fim_input(self, prompt: str | None) -> FimInput | None:
+        """Fill in the middle: with ``prefix``, or a non-empty ``suffix`` after the prompt
+        (an empty one says nothing follows the cursor: a plain continuation)."""
+        prefix = self.prefix if self.prefix is not None else prompt
+        if prefix is None or (self.prefix is None and not self.suffix and not self.extra):
+            return None
+        extra = tuple(chunk.to_extra() for chunk in self.extra or ())
+        return FimInput(prefix=prefix, suffix=self.suffix or "", extra=extra)
+
+    def early_stop(self) -> EarlyStop | None:
+        rules = EarlyStop(
+            max_lines=self.max_lines,
+            min_indent=self.min_indent or 0,
+            time_budget=seconds(self.time_budget_ms),
+        )
+        return None if rules == EarlyStop() else rules
 
     def to_input(self, prompt: str | None = None) -> GenerationInput:
         """What ``prepare`` needs; a field left out stays unset, so the model's configured
@@ -76,9 +107,13 @@ class GenerateRequest(WireModel):
         messages = None
         if self.messages is not None and prompt is None:
             messages = [Message(m.role, m.content) for m in self.messages]
+        text = prompt if prompt is not None else self.prompt
+        fim = self.fim_input(text)
         return GenerationInput(
-            prompt=prompt if prompt is not None else self.prompt,
+            prompt=None if fim is not None or messages is not None else text,
             messages=messages,
+            fim=fim,
+            early_stop=self.early_stop(),
             system=self.system,
             sampling={name: getattr(self, name) for name in _SAMPLING_FIELDS if name in sent},
             stop=list(self.stop),
@@ -100,7 +135,7 @@ def parse_batch_request(data: Any) -> tuple[list[str], GenerateRequest]:
     them (the first prompt stands in for ``prompt``)."""
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object")
-    for field in ("prompt", "messages"):
+    for field in ("prompt", "messages", "prefix"):
         if field in data:
             raise InvalidRequest(
                 f"'{field}' is not accepted here: put the texts in 'prompts'", param=field
@@ -121,7 +156,7 @@ _BATCH_FIELDS: dict[str, Any] = {
         ("prompts", BatchPrompts.model_fields["prompts"]),
         *GenerateRequest.model_fields.items(),
     ]
-    if name not in ("prompt", "messages", "stream")
+    if name not in ("prompt", "messages", "prefix", "stream")
 }
 BatchRequest: type[WireModel] = create_model(
     "BatchRequest",

@@ -5,6 +5,8 @@ per prompt, ``best_of`` (that many candidates, the ``n`` likeliest per token ret
 ``echo``, which repeats the prompt before the completion and, with ``logprobs``, scores every
 prompt token: what lm-evaluation-harness's loglikelihood tasks read (with ``max_tokens`` 0 or
 1). Several choices are separate sequences in the engine, generated together in one batch.
+With ``suffix`` it fills in the middle (``shimmy.serving.fim``); an ``X-Client-Id`` makes a
+completion replace the one still running with the same id (``shimmy.serving.lanes``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shimmy.api.access_log import annotate
-from shimmy.api.context import client_gone, registry_of, settings_of
+from shimmy.api.context import client_gone, lanes_of, registry_of, replace_key, settings_of
 from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.openai.events import OpenAIEvents, ResponseMeta, finish_reason, usage_object
 from shimmy.api.openai.protocol import CompletionRequest
@@ -131,20 +133,31 @@ async def completions(request: Request) -> Response:
     prompts = body.prompts()
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming supports a single prompt", param="prompt")
-    settings = settings_of(request)
-    engine = await registry_of(request).get_engine(body.model, wait=wants_to_wait(request))
-    annotate(request, model=engine.entry.id)
-    prepared = [
-        await prepare(engine, body.to_input(p), Dialect.OPENAI_COMPLETIONS, settings)
-        for p in prompts
-    ]
-    echoes = [await _echo_text(engine, p) if body.echo else None for p in prompts]
-    meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", engine.entry.id)
-    if body.stream:
-        events = CompletionEvents(meta, body.logprobs is not None, body.include_usage(), echoes[0])
-        return EventStreamResponse(frames(await start(engine, prepared[0]), events))
-    runs = [run for plan in prepared for run in variants(plan, candidates)]
-    results = await collect(engine, runs, until=client_gone(request))
+    key, lanes = replace_key(request), lanes_of(request)
+    # Claimed first: a completion this one replaces (X-Client-Id) stops while this one loads.
+    lane = await lanes.claim(key)
+    try:
+        settings = settings_of(request)
+        engine = await registry_of(request).get_engine(body.model, wait=wants_to_wait(request))
+        annotate(request, model=engine.entry.id)
+        prepared = [
+            await prepare(engine, body.to_input(p), Dialect.OPENAI_COMPLETIONS, settings)
+            for p in prompts
+        ]
+        echoes = [await _echo_text(engine, p) if body.echo else None for p in prompts]
+        meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", engine.entry.id)
+        if body.stream:
+            logprobs = body.logprobs is not None
+            events = CompletionEvents(meta, logprobs, body.include_usage(), echoes[0])
+            started = await start(engine, prepared[0])
+            lane.attach(started.stream)
+            return EventStreamResponse(lanes.releasing(key, lane, frames(started, events)))
+        runs = [run for plan in prepared for run in variants(plan, candidates)]
+        results = await collect(engine, runs, until=lane.watching(client_gone(request)))
+    except BaseException:
+        lanes.release(key, lane)
+        raise
+    lanes.release(key, lane)
     done: list[Collected] = []
     for result in results:
         if isinstance(result, ShimmyError):

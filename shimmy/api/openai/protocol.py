@@ -28,6 +28,7 @@ from shimmy.errors import InvalidRequest
 from shimmy.serving.chat import Message, ToolCallInput
 from shimmy.serving.chat import ResponseFormat as ResponseFormatInput
 from shimmy.serving.chat import ToolChoice as ToolChoiceInput
+from shimmy.serving.fim import FimInput
 from shimmy.serving.prepare import GenerationInput
 from shimmy.serving.structured import ToolSpec
 
@@ -252,16 +253,33 @@ class CompletionRequest(_SamplingFields):
     echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
-    suffix: StrictStr | None = None
+    suffix: StrictStr | None = Field(
+        None,
+        description="Text after the gap: the prompt is the text before it (fill in the middle, "
+        "with the model's FIM tokens; a model without them is refused). Empty: no suffix",
+    )
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str):
             return [self.prompt]
         return _prompt_list(self.prompt, "prompt", MAX_COMPLETION_PROMPTS)
 
+    def fim_input(self, prompt: str | list[int]) -> FimInput | None:
+        """Fill in the middle around a non-empty suffix; an empty one says nothing follows the
+        cursor: a plain continuation."""
+        if not self.suffix:
+            return None
+        if not isinstance(prompt, str):
+            raise InvalidRequest("a suffix goes with a text prompt, not token ids", param="suffix")
+        if self.echo:
+            raise InvalidRequest("echo cannot be used with a suffix", param="echo")
+        return FimInput(prefix=prompt, suffix=self.suffix)
+
     def to_input(self, prompt: str | list[int]) -> GenerationInput:
+        fim = self.fim_input(prompt)
         return GenerationInput(
-            prompt=prompt,
+            prompt=None if fim else prompt,
+            fim=fim,
             sampling=self.sampling_sent(),
             stop=self.stop_list(),
             max_tokens=self.max_tokens,

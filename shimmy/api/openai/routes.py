@@ -23,7 +23,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from shimmy.api.access_log import annotate
-from shimmy.api.context import client_gone, registry_of, settings_of
+from shimmy.api.context import (
+    CLIENT_ID_DESCRIPTION,
+    CLIENT_ID_HEADER,
+    client_gone,
+    registry_of,
+    settings_of,
+)
 from shimmy.api.keepalive import wants_to_wait
 from shimmy.api.openai.completions import completions
 from shimmy.api.openai.events import OpenAIEvents, ResponseMeta, usage_object
@@ -245,11 +251,13 @@ routes: list[BaseRoute] = [
         completions,
         methods=["POST"],
         summary="Text completion (OpenAI, legacy)",
+        description="With `suffix`: fill in the middle, from the model's FIM tokens.",
         body=CompletionRequest,
         response=TextCompletion,
         streams=[SSE],
         response_description="The completion, or its chunks",
         errors=GENERATION_ERRORS,
+        headers={CLIENT_ID_HEADER: CLIENT_ID_DESCRIPTION},
         tags=TAGS,
     ),
     api_route(

@@ -113,7 +113,10 @@ def _patch_generate_fields(schema: Schema) -> None:
 
 def _patch_generate_request(schema: Schema) -> None:
     _patch_generate_fields(schema)
-    schema["description"] = "Exactly one of 'prompt' and 'messages' is required"
+    schema["description"] = (
+        "Exactly one of 'prompt', 'messages' and 'prefix' is required; 'suffix' (with 'prompt' "
+        "or 'prefix') fills in the middle"
+    )
 
 
 _LOCALLAB_FIELD_NOTES = {

@@ -21,9 +21,20 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute
 
 from shimmy import __version__
-from shimmy.api.errors import has_flat_errors, is_anthropic_path, is_openai_path
+from shimmy.api.errors import (
+    has_flat_errors,
+    is_anthropic_path,
+    is_llamacpp_path,
+    is_openai_path,
+)
 from shimmy.api.openapi.components import Schema, model_schemas, ref
-from shimmy.api.protocol.errors import AnthropicError, FlatError, NativeError, OpenAIError
+from shimmy.api.protocol.errors import (
+    AnthropicError,
+    FlatError,
+    LlamaCppError,
+    NativeError,
+    OpenAIError,
+)
 from shimmy.api.routing import RouteEntry, RouteFacts, walk_routes
 from shimmy.api.security import keys_configured
 from shimmy.settings import Settings
@@ -34,15 +45,16 @@ DESCRIPTION = """\
 shimmy serves GGUF models through llama.cpp. Several dialects share one port: the native API
 under `/api`, the OpenAI-compatible API under `/v1`, LocalLab's routes (`/generate`,
 `/chat`, `/generate/batch`, `/models/...`, `/system/info`, `/health`), which answer errors in
-the native format, and Ollama's API under `/ollama` and RKLLama's under `/rkllama`, which
+the native format, Ollama's API under `/ollama` and RKLLama's under `/rkllama`, which
 answer errors as `{"error": "message"}` (`shimmy serve --ollama` also serves Ollama's API on a
-port of its own, 11434 by default). `/metrics` serves Prometheus metrics and, unless turned
+port of its own, 11434 by default), and llama.cpp's server routes (`/infill`), which answer
+them as llama.cpp does. `/metrics` serves Prometheus metrics and, unless turned
 off, `/` a chat page (its assets under `/ui/` are not listed here).
 
 Streaming (`"stream": true`) answers with server-sent events (`text/event-stream`) that end
-with `data: [DONE]` (Ollama's routes: one JSON object per line, `application/x-ndjson`); a
-failure after the stream started is sent as an event holding the error. Each streaming
-operation says what its events hold.
+with `data: [DONE]` (Ollama's routes: one JSON object per line, `application/x-ndjson`;
+llama.cpp's end with their final event, as llama.cpp's do); a failure after the stream started
+is sent as an event holding the error. Each streaming operation says what its events hold.
 """
 
 _WEBSOCKETS = "WebSockets (OpenAPI cannot describe them):"
@@ -167,7 +179,7 @@ def build_openapi(settings: Settings, routes: Iterable[BaseRoute] | None = None)
     requests = [facts.body for _, facts in http if facts.body is not None]
     responses = [facts.response for _, facts in http if facts.response is not None]
     names, schemas = model_schemas(
-        requests, [*responses, NativeError, OpenAIError, FlatError, AnthropicError]
+        requests, [*responses, NativeError, OpenAIError, FlatError, AnthropicError, LlamaCppError]
     )
     ops = _Operations(settings, names)
     paths: dict[str, Schema] = {}
@@ -201,4 +213,6 @@ def _error_model(path: str) -> type[BaseModel]:
         return AnthropicError
     if is_openai_path(path):
         return OpenAIError
+    if is_llamacpp_path(path):
+        return LlamaCppError
     return FlatError if has_flat_errors(path) else NativeError

@@ -1,6 +1,6 @@
 """The error bodies, as ``shimmy.api.errors`` renders them: native (also LocalLab's), OpenAI's
-(every path under ``/v1``), Anthropic's (under ``/v1/messages``) and the bare message of Ollama
-and RKLLama (``/ollama``, ``/rkllama``)."""
+(every path under ``/v1``), Anthropic's (under ``/v1/messages``), the bare message of Ollama
+and RKLLama (``/ollama``, ``/rkllama``) and llama.cpp's (its server's routes, ``/infill``)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,15 @@ class AnthropicError(ResponseModel):
 
     type: Literal["error"]
     error: AnthropicErrorDetail
+
+
+class LlamaCppErrorDetail(ResponseModel):
+    code: int
+    message: str
+    type: str
+
+
+class LlamaCppError(ResponseModel):
+    """``{"error": {"code": <HTTP status>, "message", "type"}}``, as llama.cpp's server answers."""
+
+    error: LlamaCppErrorDetail

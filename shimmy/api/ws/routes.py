@@ -1,18 +1,25 @@
 """``/ws/generate``: many generations over one WebSocket connection.
 
-Each text frame holding a JSON object with the ``/api/generate`` fields is a request; requests
-are answered one after another, in the order they arrived. The server sends ``{"token": ...}``
-per piece of text and ends each request with ``{"done": true, "finish_reason", "usage"}``, or
-with ``{"error": {...}}`` (the connection stays open either way).
+Each text frame holding a JSON object with the ``/api/generate`` fields is a request (with
+``prefix``/``suffix`` it fills in the middle). The server sends ``{"token": ...}`` per piece of
+text and ends each request with ``{"done": true, "finish_reason", "usage"}``, or with
+``{"error": {...}}`` (the connection stays open either way).
 
-``{"cancel": true}`` stops the generation that is running; it then ends with
+Without an ``id``, requests are answered one after another, in the order they arrived.
+``{"cancel": true}`` stops the one that is running; it then ends with
 ``{"done": true, "finish_reason": "cancelled", ...}``. A cancel that arrives while nothing is
 running is ignored, because it has usually just crossed paths with the final frame of the
-generation it meant to stop. Requests sent while one is running wait their turn; at most
-``MAX_PENDING_FRAMES`` may wait, a client sending more is closed with 1008 (policy violation).
+generation it meant to stop. At most ``MAX_PENDING_FRAMES`` requests may wait; a client sending
+more is closed with 1008 (policy violation).
+
+With an ``id`` (a string or an integer), a request runs at once, alongside the others, and
+every frame answering it carries its ``id``; ``{"cancel": true, "id": ...}`` stops that one.
+A request with the ``id`` of one still running replaces it (cancel-and-replace): that one ends
+with ``finish_reason`` "cancelled" before the new one's first frame. At most
+``MAX_IN_FLIGHT`` may run at once; a client starting more is closed with 1008.
 
 A dedicated task reads frames for the whole life of the connection, so a cancel (or the client
-going away) is noticed while tokens are being sent; everything is sent from the main task.
+going away) is noticed while tokens are being sent.
 """
 
 from __future__ import annotations
@@ -34,18 +41,22 @@ from shimmy.api.routing import websocket_route
 from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import InvalidRequest, PayloadTooLarge, ShimmyError, unexpected_error
 from shimmy.serving.defaults import Dialect
+from shimmy.serving.lanes import Lane, Lanes
 from shimmy.serving.prepare import prepare
 from shimmy.serving.run import frames, start
 
 if TYPE_CHECKING:
-    from shimmy.engine.protocol import Stream
     from shimmy.registry import ModelRegistry
     from shimmy.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 32
+MAX_IN_FLIGHT = 32
+MAX_ID_CHARS = 128
 POLICY_VIOLATION = 1008
+
+RequestId = str | int
 
 # Sending to a client that has gone away raises one of these, depending on the server.
 _SEND_FAILURES = (WebSocketDisconnect, RuntimeError, OSError)
@@ -59,39 +70,35 @@ class _Disconnected:
     """Queue marker: the client closed the connection."""
 
 
-@dataclass
-class _Job:
-    """The generation being run; the reader cancels it from its own task."""
+@dataclass(frozen=True)
+class _Frame:
+    """A decoded frame: a request, an error to report, or a cancel; ``id`` None: in order."""
 
-    stream: Stream | None = None
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.stream is not None:
-            self.stream.cancel()
-
-    def attach(self, stream: Stream) -> None:
-        self.stream = stream
-        if self.cancelled:  # cancelled while the model was loading or the prompt rendering
-            stream.cancel()
+    id: RequestId | None = None
+    request: GenerateRequest | None = None
+    error: ShimmyError | None = None
+    cancel: bool = False
 
 
 class WsFrames:
-    """``{"token"}`` frames, then ``{"done", "finish_reason", "usage"}`` or ``{"error"}``."""
+    """``{"token"}`` frames, then ``{"done", "finish_reason", "usage"}`` or ``{"error"}``; each
+    with the request's ``id`` when it has one."""
+
+    def __init__(self, tag: Mapping[str, Any]) -> None:
+        self.tag = tag
 
     def opening(self) -> Iterable[dict[str, Any]]:
         return ()
 
     def delta(self, event: TextDelta) -> Iterable[dict[str, Any]]:
-        return ({"token": event.text},) if event.text else ()
+        return ({**self.tag, "token": event.text},) if event.text else ()
 
     def finished(self, event: Finished) -> Iterable[dict[str, Any]]:
         usage = event.usage.as_dict()
-        return ({"done": True, "finish_reason": event.finish_reason, "usage": usage},)
+        return ({**self.tag, "done": True, "finish_reason": event.finish_reason, "usage": usage},)
 
     def error(self, err: ShimmyError) -> Iterable[dict[str, Any]]:
-        return (ws_error_frame(err),)
+        return ({**self.tag, **ws_error_frame(err)},)
 
     def closing(self) -> Iterable[dict[str, Any]]:
         return ()
@@ -105,8 +112,11 @@ class _Connection:
     pending: asyncio.Queue[GenerateRequest | ShimmyError | _Disconnected] = field(
         default_factory=asyncio.Queue
     )
-    job: _Job | None = None
+    job: Lane | None = None  # the request without an id being run
     closed: bool = False  # set by the reader: queued requests are then dropped, not run
+    lanes: Lanes = field(default_factory=Lanes)  # requests with an id, by id
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def serve(self) -> None:
         reader = asyncio.create_task(self._read_frames())
@@ -118,43 +128,64 @@ class _Connection:
                 if isinstance(item, ShimmyError):
                     await self._send(ws_error_frame(item))
                     continue
-                await self._run(item)
+                self.job = Lane()
+                try:
+                    await self._run(item, self.job, {})
+                finally:
+                    self.job = None
         except _ClientGone:
             return
         finally:
-            if self.job is not None:
-                self.job.cancel()
+            self._cancel_everything()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _cancel_everything(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+        self.lanes.cancel_all()
 
     async def _send(self, frame: dict[str, Any]) -> None:
-        try:
-            await self.websocket.send_json(frame)
-        except _SEND_FAILURES as exc:
-            raise _ClientGone from exc
+        # Several requests answer at once: a frame goes out whole before the next one starts.
+        async with self.send_lock:
+            try:
+                await self.websocket.send_json(frame)
+            except _SEND_FAILURES as exc:
+                raise _ClientGone from exc
 
-    async def _run(self, request: GenerateRequest) -> None:
-        job = self.job = _Job()
+    async def _run(self, request: GenerateRequest, lane: Lane, tag: Mapping[str, Any]) -> None:
         try:
             engine = await self.registry.get_engine(request.model, keep_alive=request.keep_alive)
             prepared = await prepare(engine, request.to_input(), Dialect.NATIVE, self.settings)
             started = await start(engine, prepared)
-            job.attach(started.stream)
-            async for frame in frames(started, WsFrames()):
+            lane.attach(started.stream)
+            async for frame in frames(started, WsFrames(tag)):
                 await self._send(frame)
         except ShimmyError as err:
-            await self._send(ws_error_frame(err))
+            await self._send({**tag, **ws_error_frame(err)})
         except _ClientGone:
             raise
         except Exception as exc:
-            await self._send(ws_error_frame(unexpected_error(exc)))
+            await self._send({**tag, **ws_error_frame(unexpected_error(exc))})
         finally:
-            self.job = None
-            job.cancel()
+            lane.cancel()
+
+    async def _run_tagged(self, request_id: RequestId, request: GenerateRequest) -> None:
+        # Typed keys: the ids 1 and "1" are two requests.
+        async with self.lanes.holding((type(request_id).__name__, request_id)) as lane:
+            with contextlib.suppress(_ClientGone):  # the reader sees the disconnect too
+                await self._run(request, lane, {"id": request_id})
+
+    async def _send_tagged_error(self, request_id: RequestId, err: ShimmyError) -> None:
+        with contextlib.suppress(_ClientGone):
+            await self._send({"id": request_id, **ws_error_frame(err)})
 
     async def _read_frames(self) -> None:
-        """Read every frame of the connection: cancel at once, queue everything else.
+        """Read every frame of the connection: cancel at once, start or queue the rest.
 
         However reading ends, the main task is told, so it never waits for frames forever.
         """
@@ -164,8 +195,7 @@ class _Connection:
             logger.exception("reading WebSocket frames failed")
         finally:
             self.closed = True
-            if self.job is not None:
-                self.job.cancel()
+            self._cancel_everything()
             self.pending.put_nowait(_Disconnected())
 
     async def _read_until_closed(self) -> None:
@@ -173,33 +203,79 @@ class _Connection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            item = self._decode(message)
-            if item is None:
-                if self.job is not None:
-                    self.job.cancel()
+            frame = self._decode(message)
+            if frame.cancel:
+                if frame.id is None:
+                    if self.job is not None:
+                        self.job.cancel()
+                else:
+                    self.lanes.cancel((type(frame.id).__name__, frame.id))
+                continue
+            if frame.id is not None:
+                if not self._spawn(frame):
+                    await self._close_for_policy("too many requests in flight")
+                    return
                 continue
             if self.pending.qsize() >= MAX_PENDING_FRAMES:
-                with contextlib.suppress(*_SEND_FAILURES):
-                    await self.websocket.close(POLICY_VIOLATION, "too many pending requests")
+                await self._close_for_policy("too many pending requests")
                 return
-            self.pending.put_nowait(item)
+            item = frame.request if frame.request is not None else frame.error
+            self.pending.put_nowait(item if item is not None else InvalidRequest())
 
-    def _decode(self, message: Mapping[str, Any]) -> GenerateRequest | ShimmyError | None:
-        """A frame as a request, an error to report, or None for a cancel."""
+    def _spawn(self, frame: _Frame) -> bool:
+        """Start answering a frame with an id; False when too many are in flight already."""
+        assert frame.id is not None
+        if len(self.tasks) >= MAX_IN_FLIGHT:
+            return False
+        if frame.request is not None:
+            work = self._run_tagged(frame.id, frame.request)
+        else:
+            work = self._send_tagged_error(frame.id, frame.error or InvalidRequest())
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _close_for_policy(self, reason: str) -> None:
+        with contextlib.suppress(*_SEND_FAILURES):
+            await self.websocket.close(POLICY_VIOLATION, reason)
+
+    def _decode(self, message: Mapping[str, Any]) -> _Frame:
         text = message.get("text")
         if text is None:
-            return InvalidRequest("Binary frames are not accepted; send JSON as a text frame")
+            return _Frame(
+                error=InvalidRequest("Binary frames are not accepted; send JSON as a text frame")
+            )
         limit = self.settings.ws_max_message_bytes
         # len(text) <= byte length <= 4 * len(text): encode only when it can matter.
         if len(text) > limit or (4 * len(text) > limit and len(text.encode()) > limit):
-            return PayloadTooLarge(f"A frame may hold at most {limit} bytes")
+            return _Frame(error=PayloadTooLarge(f"A frame may hold at most {limit} bytes"))
         try:
             data = parse_json(text)
-            if isinstance(data, dict) and data.get("cancel") is True:
-                return None
-            return parse_generate_request(data)
         except ShimmyError as err:
-            return err
+            return _Frame(error=err)
+        request_id: RequestId | None = None
+        if isinstance(data, dict) and "id" in data:
+            try:
+                request_id = _request_id(data["id"])
+            except ShimmyError as err:
+                return _Frame(error=err)  # with an unusable id it is answered in order
+        if isinstance(data, dict) and data.get("cancel") is True:
+            return _Frame(id=request_id, cancel=True)
+        try:
+            return _Frame(id=request_id, request=parse_generate_request(data))
+        except ShimmyError as err:
+            return _Frame(id=request_id, error=err)
+
+
+def _request_id(value: Any) -> RequestId:
+    if isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+        return value
+    raise InvalidRequest(
+        f"'id' must be a string of 1 to {MAX_ID_CHARS} characters or an integer", param="id"
+    )
 
 
 async def ws_generate(websocket: WebSocket) -> None:
@@ -216,10 +292,13 @@ routes: list[BaseRoute] = [
         "/ws/generate",
         ws_generate,
         summary="Many generations over one connection",
-        description="Takes `/api/generate` requests as JSON text frames and answers "
-        '`{"token": ...}` frames, then `{"done": true, "finish_reason", "usage"}` or '
-        '`{"error": {"code", "message"}}`; `{"cancel": true}` stops the running generation. '
-        "Requests are answered in order; with a rate limit, each takes a token.",
+        description="Takes `/api/generate` requests as JSON text frames (`prefix`/`suffix` fill "
+        'in the middle) and answers `{"token": ...}` frames, then `{"done": true, '
+        '"finish_reason", "usage"}` or `{"error": {"code", "message"}}`; `{"cancel": true}` '
+        "stops the running generation. Requests are answered in order, except those with an "
+        "`id`: they run at once, side by side, their frames carry the `id`, "
+        '`{"cancel": true, "id": ...}` stops one, and a request reusing the `id` of a running '
+        "one replaces it. With a rate limit, each request takes a token.",
         tags=["native"],
     )
 ]

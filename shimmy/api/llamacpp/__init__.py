@@ -1,0 +1,1 @@
+"""llama.cpp's server dialect: the routes its clients (llama.vscode, llama.vim) call."""
