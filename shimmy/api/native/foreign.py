@@ -14,8 +14,9 @@ from starlette.requests import Request
 
 from shimmy.errors import InvalidRequest
 
-# Fields of Ollama's requests that shimmy's native ones do not have.
-OLLAMA_GENERATE_FIELDS = ("options", "format", "raw", "context", "images", "template", "suffix")
+# Fields of Ollama's requests that shimmy's native ones do not have (``suffix`` both have: the
+# native API fills in the middle too).
+OLLAMA_GENERATE_FIELDS = ("options", "format", "raw", "context", "images", "template")
 OLLAMA_PULL_FIELDS = ("insecure", "name")
 OLLAMA_AGENTS = ("ollama-python/", "ollama-js/", "ollama/")
 
