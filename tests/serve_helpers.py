@@ -25,7 +25,7 @@ class ServedProcess:
     process: subprocess.Popen[bytes]
     url: str
     lines: list[str] = field(default_factory=list)  # stderr, as it comes
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def port(self) -> int:
@@ -33,6 +33,13 @@ class ServedProcess:
 
     def log(self) -> str:
         with self.lock:
+            return "".join(self.lines)
+
+    def wait_for_log(self, done: Callable[[str], bool], timeout: float = 30) -> str:
+        """The log once ``done(log)`` holds. The access log is written after the response
+        has gone out, so a client can see its answer before the line reaches stderr."""
+        with self.lock:
+            self.lock.wait_for(lambda: done("".join(self.lines)), timeout)
             return "".join(self.lines)
 
 
@@ -95,6 +102,7 @@ def served(
             for raw in stderr:
                 with served_process.lock:
                     served_process.lines.append(raw.decode(errors="replace"))
+                    served_process.lock.notify_all()
 
         reader = threading.Thread(target=keep_reading, daemon=True)
         reader.start()

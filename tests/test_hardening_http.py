@@ -217,13 +217,15 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies(
         assert statuses.count(200) == 10
         assert statuses.count(429) == 30
         # The access log names the real peer, not what the header claimed.
-        assert set(_access_clients(server.log())) == {"127.0.0.1"}
+        log = server.wait_for_log(lambda log: len(_access_clients(log)) == 40)
+        assert set(_access_clients(log)) == {"127.0.0.1"}
     trusted = [*limits, "--forwarded-allow-ips", "127.0.0.1"]
     with served(trusted, env) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         for n in range(20):  # behind a trusted proxy, each forwarded address is a client
             response = http.get("/api/models", headers={"X-Forwarded-For": f"198.51.100.{n}"})
             assert response.status_code == 200
-        assert set(_access_clients(server.log())) == {f"198.51.100.{n}" for n in range(20)}
+        log = server.wait_for_log(lambda log: len(_access_clients(log)) == 20)
+        assert set(_access_clients(log)) == {f"198.51.100.{n}" for n in range(20)}
 
 
 def test_failed_keys_are_limited_per_address_without_a_rate_limit(
