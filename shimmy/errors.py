@@ -147,6 +147,15 @@ class ServerError(ShimmyError):
     message = "Internal server error"
 
 
+class ModelCrashed(ShimmyError):
+    """The model's worker process died (llama.cpp aborted, a segfault, the OOM killer). Only
+    that model's requests end; the next request loads it again."""
+
+    code = "model_crashed"
+    status = 500
+    message = "The model crashed"
+
+
 class ServerBusy(ShimmyError):
     code = "server_busy"
     status = 503

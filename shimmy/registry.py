@@ -14,14 +14,23 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from shimmy.engine.local import LocalEngine, estimate_memory
 from shimmy.engine.protocol import Engine, EngineFactory, EngineHooks
 from shimmy.engine.types import Usage
-from shimmy.errors import InsufficientMemory, ModelLoading, ModelNotFound, ModelUnusable
+from shimmy.engine.worker import WorkerEngine
+from shimmy.errors import (
+    InsufficientMemory,
+    ModelCrashed,
+    ModelLoading,
+    ModelNotFound,
+    ModelUnusable,
+)
 from shimmy.models.config import ModelOptions, load_config
 from shimmy.models.discovery import discover_models, entry_for_file
 from shimmy.models.entry import ModelEntry
@@ -34,21 +43,39 @@ log = logging.getLogger(__name__)
 IDLE_GRACE_SECONDS = 0.5
 
 
+@dataclass
+class ModelFailure:
+    """Why a model's last worker died, shown in /api/models until it loads again."""
+
+    reason: str
+    at: float  # time.time()
+    recent_crashes: int  # within the crash window
+
+    def to_api(self) -> dict[str, Any]:
+        return {"reason": self.reason, "at": self.at, "recent_crashes": self.recent_crashes}
+
+
 class ModelRegistry:
     """Engines are used only through ``shimmy.engine.protocol.Engine``: ``engine_factory``
     may make them in this process or elsewhere. ``hooks`` hear every engine's events (finished
-    generations, load progress); so do the observers added later with ``observe``."""
+    generations, load progress); so do the observers added later with ``observe``. Without an
+    ``engine_factory`` each model gets a worker process (``settings.model_workers``)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        engine_factory: EngineFactory = LocalEngine,
+        engine_factory: EngineFactory | None = None,
         hooks: EngineHooks | None = None,
     ) -> None:
         self.settings = settings
         self.config = load_config(settings.config)
+        if engine_factory is None:
+            engine_factory = WorkerEngine if settings.model_workers else LocalEngine
         self._engine_factory = engine_factory
+        self._crash_times: dict[str, list[float]] = {}
+        self.failures: dict[str, ModelFailure] = {}
+        self._condemned: dict[str, str] = {}  # model id -> why it is no longer loaded
         self._entries: dict[str, ModelEntry] = {}
         self._aliases = self.config.alias_map()
         self._default_id: str | None = None
@@ -92,9 +119,53 @@ class ModelRegistry:
                 except Exception:
                     log.exception("on_load_progress observer failed")
 
+    # --- crashes ---------------------------------------------------------------------------
+    def _crashed(self, model_id: str, reason: str) -> None:
+        """A model's worker died (on the event loop). It is loaded again on the next request,
+        unless it crashed ``crash_limit`` times within ``crash_window``: then it is unusable
+        with the reason, rather than crash-looping."""
+        now = time.monotonic()
+        window = self.settings.crash_window
+        times = [t for t in self._crash_times.get(model_id, []) if now - t < window]
+        times.append(now)
+        self._crash_times[model_id] = times
+        self.failures[model_id] = ModelFailure(reason, time.time(), len(times))
+        if len(times) >= self.settings.crash_limit:
+            why = f"it crashed {len(times)} times within {window:g} s; last: {reason}"
+            self._condemned[model_id] = why
+            with self._lock:
+                entry = self._entries.get(model_id)
+                if entry is not None:
+                    entry.error = why
+            log.error("%s is now unusable: %s", model_id, why)
+        for hooks in self._observers:
+            if hooks.on_crash is not None:
+                try:
+                    hooks.on_crash(model_id, reason)
+                except Exception:
+                    log.exception("on_crash observer failed")
+
+    def _engine_crashed(self, model_id: str, reason: str) -> None:
+        engine = self._engines.pop(model_id, None)
+        self._crashed(model_id, reason)
+        if engine is not None:  # reap its process without holding up the loop
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(engine.close))
+            task.add_done_callback(lambda t: t.exception())
+
+    def describe(self, entry: ModelEntry) -> dict[str, Any]:
+        """``entry`` as the API lists it: loaded or not, and why its last worker died."""
+        data = entry.to_api(loaded=self.is_loaded(entry.id))
+        failure = self.failures.get(entry.id)
+        if failure is not None:
+            data["failure"] = failure.to_api()
+        return data
+
     # --- discovery -----------------------------------------------------------------------
     def discover(self) -> list[ModelEntry]:
         entries = discover_models(self.settings)
+        for entry in entries:  # a rescan does not forgive a model that crash-looped
+            if entry.id in self._condemned:
+                entry.error = self._condemned[entry.id]
         with self._lock:
             self._entries = {e.id: e for e in entries}
             self._default_id = self._pick_default(entries)
@@ -216,11 +287,23 @@ class ModelRegistry:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._poke_reaper)
 
+        def crashed(model_id: str, reason: str) -> None:  # called on the engine's thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._engine_crashed, model_id, reason)
+
         hooks = EngineHooks(
-            on_finish=self._finished, on_idle=idle, on_load_progress=self._load_progress
+            on_finish=self._finished,
+            on_idle=idle,
+            on_load_progress=self._load_progress,
+            on_crash=crashed,
         )
         load = functools.partial(self._engine_factory, entry, self.settings, options, hooks=hooks)
-        engine = await asyncio.to_thread(load)
+        try:
+            engine = await asyncio.to_thread(load)
+        except ModelCrashed as exc:
+            self._crashed(entry.id, exc.details or exc.message)
+            raise
+        self.failures.pop(entry.id, None)
         self.load_counts[entry.id] = self.load_counts.get(entry.id, 0) + 1
         log.info("loaded %s in %.2fs", entry.id, engine.load_seconds)
         self._engines[entry.id] = engine

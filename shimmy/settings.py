@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     memory_budget: int | None = Field(
         None, ge=0, description="Bytes loaded models may use (unset: 90% of available RAM)"
     )
+    model_workers: bool = Field(
+        True,
+        description="Run each loaded model in a worker process of its own, so that llama.cpp "
+        "aborting on a bad file or input ends only that model's requests",
+    )
+    crash_limit: int = Field(
+        3, ge=1, description="Worker crashes within crash_window after which a model is unusable"
+    )
+    crash_window: float = Field(600.0, gt=0, description="Seconds crash_limit counts over")
 
     # --- security ----------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -90,6 +91,10 @@ def isolated_settings(model_dir: Path, tmp: Path, **overrides: Any) -> Settings:
         "parallel": 4,
         "threads": 2,
         "port": 0,
+        # In-process engines keep the suite fast; test_worker*.py and every test that runs
+        # `shimmy serve` as a subprocess go through worker processes, serve's default.
+        # SHIMMY_TEST_MODEL_WORKERS=1 runs the whole suite through workers.
+        "model_workers": os.environ.get("SHIMMY_TEST_MODEL_WORKERS") == "1",
     }
     values.update(overrides)
     return Settings(**values)

@@ -12,6 +12,8 @@ rely on "length" finishes; a tiny EOS probability is kept honest by tests that a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
 
 
+@dataclass
+class Vocabulary:
+    """A tokenizer for ``write_tiny_gguf``: llama.cpp's tokenizer model name and its pieces."""
+
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+
+
 def vocabulary(fim: str | None = None) -> tuple[list[str], list[int]]:
     tokens = [_bytes_to_unicode()[b] for b in range(256)]
     types = [int(TokenType.NORMAL)] * 256
@@ -82,15 +95,25 @@ def write_tiny_gguf(
     seed: int = 1234,
     name: str = "tiny-test-model",
     head_count: int = N_HEAD,
-    head_count_kv: int = N_HEAD,
+    head_count_kv: int | list[int] = N_HEAD,
     block_count: int = N_LAYER,
     fim: str | None = None,
+    rope_dimension_count: int = N_EMBD // N_HEAD,
+    vocab: Vocabulary | None = None,
+    metadata: Callable[[GGUFWriter], None] | None = None,
+    kv_shaped_by_heads: bool = False,
 ) -> Path:
     """The model; the hyperparameters can be set to values no model has, for tests of how
-    such a file is refused (the tensors keep their real shapes). ``fim``: None, or a kind of
-    ``FIM_KINDS`` for a model that can fill in the middle."""
+    such a file is refused or survived (the tensors keep their real shapes). ``fim``: None, or
+    a kind of ``FIM_KINDS`` for a model that can fill in the middle. ``vocab`` replaces the
+    byte-level vocabulary; ``metadata`` adds keys of its own. ``kv_shaped_by_heads``: the K
+    and V projections have ``head_count_kv`` heads of ``N_EMBD // head_count``, as a real
+    grouped-query model's would, rather than the shape of the default model."""
     rng = np.random.default_rng(seed)
-    tokens, types = vocabulary(fim)
+    if vocab is None:
+        tokens, types = vocabulary(fim)
+        vocab = Vocabulary("gpt2", tokens, types, merges=MERGES)
+    tokens, types = vocab.tokens, vocab.types
     n_vocab = len(tokens)
     bos_id, eos_id = tokens.index(BOS), tokens.index(EOS)
 
@@ -102,19 +125,24 @@ def write_tiny_gguf(
     writer.add_feed_forward_length(N_FF)
     writer.add_head_count(head_count)
     writer.add_head_count_kv(head_count_kv)
-    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_rope_dimension_count(rope_dimension_count)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(0)  # all F32
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(MERGES)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_bos_token_id(bos_id)
     writer.add_eos_token_id(eos_id)
     writer.add_add_bos_token(True)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if metadata is not None:
+        metadata(writer)
     fim_ids = fim_token_ids(fim) if fim is not None else {}
     for key, token_id in fim_ids.items():
         writer.add_uint32(f"tokenizer.ggml.fim_{key}_token_id", token_id)
@@ -132,14 +160,16 @@ def write_tiny_gguf(
         output[quiet, :] = 0.0
         output[quiet, 0] = -20.0
 
+    kv_heads = head_count_kv if isinstance(head_count_kv, int) else head_count_kv[0]
+    kv_rows = (N_EMBD // head_count) * kv_heads if kv_shaped_by_heads else N_EMBD
     writer.add_tensor("token_embd.weight", embd)
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
     writer.add_tensor("output.weight", output)
     for i in range(N_LAYER):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         writer.add_tensor(f"blk.{i}.attn_q.weight", weight(N_EMBD, N_EMBD))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(N_EMBD, N_EMBD))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_rows, N_EMBD))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_rows, N_EMBD))
         writer.add_tensor(f"blk.{i}.attn_output.weight", weight(N_EMBD, N_EMBD))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(N_FF, N_EMBD))

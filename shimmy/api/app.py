@@ -219,7 +219,10 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     # Every generation of every engine reports its tokens and latencies to this app's metrics.
     # An observer rather than a constructor hook: the metrics read the registry they observe,
     # and a registry handed in by the caller must report to this app all the same.
-    app.state.registry.observe(EngineHooks(on_finish=metrics.metrics_for(app).engine_finished))
+    app_metrics = metrics.metrics_for(app)
+    app.state.registry.observe(
+        EngineHooks(on_finish=app_metrics.engine_finished, on_crash=app_metrics.engine_crashed)
+    )
     app.state.started_at = time.monotonic()
     app.state.request_count = 0
     app.state.responses = ResponseStore(settings.responses_store_size)

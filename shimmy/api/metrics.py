@@ -161,6 +161,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.worker_crashes = Counter(
+            "shimmy_worker_crashes",
+            "Model worker processes that died under their requests or while loading",
+            ["model"],
+            registry=self.registry,
+        )
         self.time_to_first_token = Histogram(
             "shimmy_time_to_first_token_seconds",
             "From submitting a generation to its first piece of text (queue wait included)",
@@ -215,6 +221,9 @@ class Metrics:
             first_token=first_token_at,
             finished=time.monotonic(),
         )
+
+    def engine_crashed(self, model: str, _reason: str) -> None:
+        self.worker_crashes.labels(model).inc()
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
         encode, content_type = choose_encoder(accept)

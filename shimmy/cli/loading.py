@@ -17,9 +17,11 @@ if TYPE_CHECKING:
 
 
 async def open_registry(settings: Settings) -> ModelRegistry:
+    from shimmy.engine.local import LocalEngine
     from shimmy.registry import ModelRegistry
 
-    registry = ModelRegistry(settings)
+    # One command, one user, one model: a worker process would only add its start-up time.
+    registry = ModelRegistry(settings, engine_factory=LocalEngine)
     await asyncio.to_thread(registry.discover)
     return registry
 

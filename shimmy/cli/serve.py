@@ -199,6 +199,14 @@ def serve(
             help=f"Also serve Ollama's API on a port of its own (alone: {OLLAMA_ADDRESS})",
         ),
     ] = None,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process",
+            help="Load models in the server's own process: no worker isolation, so a model "
+            "that crashes llama.cpp takes the server down",
+        ),
+    ] = False,
     graceful_timeout: Annotated[
         int,
         typer.Option(
@@ -227,6 +235,7 @@ def serve(
         open_model_admin=True if open_model_admin else None,
         max_connections=max_connections,
         ollama=ollama,
+        model_workers=False if in_process else None,
     )
     load_api_keys(settings)  # an unreadable or empty key file stops here, with one line
     if settings.ollama:

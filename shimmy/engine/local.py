@@ -46,6 +46,16 @@ def estimate_memory(entry: ModelEntry, kv_tokens: int) -> int:
     return entry.size_bytes + kv_tokens * per_token
 
 
+def chat_template_for(entry: ModelEntry, options: ModelOptions, settings: Settings) -> ChatTemplate:
+    """The template from the GGUF's header text or the config: rendering needs no weights."""
+    return ChatTemplate.for_entry(
+        entry,
+        options.chat_template,
+        timeout=settings.template_timeout,
+        max_chars=settings.template_max_chars,
+    )
+
+
 def default_gpu_layers() -> int:
     return 999 if gpu_offload_supported() else 0
 
@@ -67,12 +77,7 @@ class LocalEngine:
         settings = settings.model_copy(update=self.options.settings_overrides())
         self.entry = entry
         self.settings = settings
-        self.template = ChatTemplate.for_entry(
-            entry,
-            self.options.chat_template,
-            timeout=settings.template_timeout,
-            max_chars=settings.template_max_chars,
-        )
+        self.template = chat_template_for(entry, self.options, settings)
         self.keep_alive = settings.keep_alive
         started = time.perf_counter()
         n_gpu_layers = (

@@ -39,6 +39,8 @@ class EngineHooks:
     on_idle: Callable[[str], None] | None = None
     # Fraction 0..1 of the weights read so far, on the loading thread.
     on_load_progress: Callable[[str, float], None] | None = None
+    # The engine died under its requests (a worker process ended): the reason, from its log.
+    on_crash: Callable[[str, str], None] | None = None
 
 
 class Stream(Protocol):

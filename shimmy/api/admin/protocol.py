@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, Field, StrictBool, StrictStr
 from pydantic.json_schema import SkipJsonSchema
 
 from shimmy.api.keepalive import parse_keep_alive
+from shimmy.api.native.protocol import ModelFailure
 from shimmy.api.protocol.common import WireModel
 from shimmy.api.protocol.responses import ResponseModel
 
@@ -46,11 +47,17 @@ class LoadedModel(ResponseModel):
     context_length: int
     n_gpu_layers: int
     load_count: int
+    worker_pid: int | None = Field(description="The model's worker process; null: in-process")
+
+
+class FailedModel(ModelFailure):
+    id: str
 
 
 class LoadedModels(ResponseModel):
     models: list[LoadedModel]
     loading: list[str]
+    failed: list[FailedModel] = Field(description="Models whose worker crashed since they loaded")
 
 
 class LoadResult(ResponseModel):

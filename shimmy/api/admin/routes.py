@@ -106,9 +106,11 @@ async def loaded_models(request: Request) -> Response:
                 "context_length": engine.n_ctx,
                 "n_gpu_layers": engine.n_gpu_layers,
                 "load_count": registry.load_counts.get(engine.entry.id, 0),
+                "worker_pid": stats.get("worker_pid"),
             }
         )
-    return JSONResponse({"models": models, "loading": registry.loading_ids()})
+    failed = [{"id": model_id, **f.to_api()} for model_id, f in registry.failures.items()]
+    return JSONResponse({"models": models, "loading": registry.loading_ids(), "failed": failed})
 
 
 async def rediscover(request: Request) -> Response:
@@ -116,7 +118,7 @@ async def rediscover(request: Request) -> Response:
     entries = await asyncio.to_thread(registry.discover)
     return JSONResponse(
         {
-            "models": [e.to_api(loaded=registry.is_loaded(e.id)) for e in entries],
+            "models": [registry.describe(e) for e in entries],
             "default": registry.default_id,
         }
     )

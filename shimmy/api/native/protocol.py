@@ -203,6 +203,14 @@ class BatchResponse(ResponseModel):
     usage: Usage
 
 
+class ModelFailure(ResponseModel):
+    """Why the model's last worker process died (until it loads again)."""
+
+    reason: str = Field(description="How the worker ended and the last line of its log")
+    at: float = Field(description="Unix time of the crash")
+    recent_crashes: int = Field(description="Crashes within the crash window")
+
+
 class ModelInfo(ResponseModel):
     """A model found by discovery (``ModelEntry.to_api``)."""
 
@@ -224,6 +232,9 @@ class ModelInfo(ResponseModel):
         "pulled without one and for files shimmy did not download)"
     )
     error: str | SkipJsonSchema[None] = Field(None, description="Why the file cannot be served")
+    failure: ModelFailure | SkipJsonSchema[None] = Field(
+        None, description="Present when the model's last worker crashed"
+    )
 
 
 class ModelList(ResponseModel):

@@ -147,7 +147,7 @@ def raise_first_failure(results: list[Any]) -> list[Any]:
 
 async def list_models(request: Request) -> Response:
     registry = registry_of(request)
-    models = [entry.to_api(loaded=registry.is_loaded(entry.id)) for entry in registry.entries]
+    models = [registry.describe(entry) for entry in registry.entries]
     return JSONResponse({"models": models, "default": registry.default_id})
 
 
