@@ -38,6 +38,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHIMMY = "shimmy"
 PEER = "llama-cpp-python server"
 SHIMMY_NO_PREFIX = "shimmy --no-prefix-cache"
+# shimmy serves each model from a worker process by default; this is the engine in the
+# server's own process, to measure what the isolation costs.
+SHIMMY_IN_PROCESS = "shimmy --in-process"
+TARGET_ISOLATION_RATIO = 0.97
+TARGET_ISOLATION_TTFT_S = 0.005
 DIRECT = "direct llama-cpp-python loop"
 
 # The issue's targets.
@@ -191,6 +196,39 @@ class Report:
     servers: dict[str, ServerReport]
     targets: list[TargetResult]
     skipped: list[str] = field(default_factory=list)
+
+
+def isolation_table(report: Report) -> list[str]:
+    """What a worker process per model costs: shimmy against its own engine in-process."""
+    workers, alone = report.servers.get(SHIMMY), report.servers.get(SHIMMY_IN_PROCESS)
+    if workers is None or alone is None:
+        return []
+    lines = [
+        "",
+        f"Isolation (targets: ≥ {TARGET_ISOLATION_RATIO}x, TTFT + ≤ "
+        f"{TARGET_ISOLATION_TTFT_S * 1000:.0f} ms):",
+        "",
+        f"| metric | {SHIMMY} (worker process) | {SHIMMY_IN_PROCESS} | ratio / difference |",
+        "|---|---:|---:|---:|",
+        f"| single-stream decode tok/s | {fmt(workers.single_tps)} | {fmt(alone.single_tps)} | "
+        f"{fmt(ratio(workers.single_tps, alone.single_tps), 3, 'x')} |",
+    ]
+    for clients in report.config.get("levels", []):
+        ours, theirs = level_stats(workers, clients), level_stats(alone, clients)
+        if ours is None or theirs is None:
+            continue
+        share = ratio(ours.aggregate_tps, theirs.aggregate_tps)
+        lines.append(
+            f"| aggregate tok/s @ {clients} | {fmt(ours.aggregate_tps)} | "
+            f"{fmt(theirs.aggregate_tps)} | {fmt(share, 3, 'x')} |"
+        )
+        if ours.ttft_p50_s is not None and theirs.ttft_p50_s is not None:
+            lines.append(
+                f"| TTFT p50 s @ {clients} | {fmt(ours.ttft_p50_s, 4)} | "
+                f"{fmt(theirs.ttft_p50_s, 4)} | "
+                f"{(ours.ttft_p50_s - theirs.ttft_p50_s) * 1000:+.1f} ms |"
+            )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +467,7 @@ def render_markdown(report: Report) -> str:
             3,
         )
     )
+    lines += isolation_table(report)
     lines += [
         "",
         f"| {DIRECT} | decode tok/s | shimmy single-stream / direct |",
@@ -444,7 +483,8 @@ def render_markdown(report: Report) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for clients in config.get("levels", []):
-        for name, server in ((SHIMMY, shimmy), (PEER, peer)):
+        in_process = report.servers.get(SHIMMY_IN_PROCESS)
+        for name, server in ((SHIMMY, shimmy), (PEER, peer), (SHIMMY_IN_PROCESS, in_process)):
             stats = level_stats(server, clients)
             if stats is None:
                 continue
@@ -816,7 +856,9 @@ def server_process(
             stop_process(process)
 
 
-def shimmy_argv(config: BenchConfig, port: int, *, prefix_cache: bool = True) -> list[str]:
+def shimmy_argv(
+    config: BenchConfig, port: int, *, prefix_cache: bool = True, in_process: bool = False
+) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -837,6 +879,8 @@ def shimmy_argv(config: BenchConfig, port: int, *, prefix_cache: bool = True) ->
         "--parallel",
         str(config.parallel),
     ]
+    if in_process:
+        argv.append("--in-process")
     if not prefix_cache:
         argv.append("--no-prefix-cache")
     return argv
@@ -1094,6 +1138,7 @@ def run(config: BenchConfig) -> Report:
         (PEER, lambda port: peer_argv(config, port)),
         (SHIMMY, lambda port: shimmy_argv(config, port)),
         (SHIMMY_NO_PREFIX, lambda port: shimmy_argv(config, port, prefix_cache=False)),
+        (SHIMMY_IN_PROCESS, lambda port: shimmy_argv(config, port, in_process=True)),
     ]
     if config.skip_peer:
         commands = commands[1:]

@@ -92,7 +92,7 @@ class WorkerEngine:
             start_new_session=True,
             # ggml's abort would attach gdb to print a backtrace: seconds, and pages of log.
             env={**os.environ, "GGML_NO_BACKTRACE": "1"}
-            if not self.settings.log_level == "debug"
+            if self.settings.log_level != "debug"
             else None,
         )
         theirs.close()
