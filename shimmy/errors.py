@@ -162,6 +162,13 @@ class ServerBusy(ShimmyError):
     message = "The server is busy; try again shortly"
 
 
+class ShuttingDown(ServerBusy):
+    """The server stopped before the request was answered (SIGTERM and its grace ran out)."""
+
+    code = "server_shutting_down"
+    message = "The server is shutting down"
+
+
 class InsufficientMemory(ShimmyError):
     code = "insufficient_memory"
     status = 507

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Max HTTP body size")
     ws_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    ws_max_queued_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of request frames one WebSocket connection may have unanswered; "
+        "a request past it is answered server_busy instead of being kept",
+    )
     template_timeout: float = Field(2.0, gt=0, description="Chat template render limit (s)")
     template_max_chars: int = Field(1_000_000, ge=1000, description="Rendered prompt size limit")
     embedding_token_ids: Literal["cl100k", "model"] = Field(

@@ -189,6 +189,13 @@ def serve(
     max_connections: Annotated[
         int | None, typer.Option("--max-connections", help="Open connections at most")
     ] = None,
+    ws_max_queued_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--ws-max-queued-bytes",
+            help="Bytes of unanswered request frames per WebSocket connection",
+        ),
+    ] = None,
     ollama: Annotated[
         str | None,
         typer.Option(
@@ -234,6 +241,7 @@ def serve(
         allow_private_pull=True if allow_private_pull else None,
         open_model_admin=True if open_model_admin else None,
         max_connections=max_connections,
+        ws_max_queued_bytes=ws_max_queued_bytes,
         ollama=ollama,
         model_workers=False if in_process else None,
     )
@@ -280,9 +288,9 @@ def serve(
         access_log=False,  # shimmy.access logs one line per request, with model and tokens
         timeout_graceful_shutdown=graceful_timeout,
     )
-    import uvicorn
+    from shimmy.server.shutdown import DrainingServer
 
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
 
     def terminated(signum: int, frame: object) -> None:
         # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal, which would

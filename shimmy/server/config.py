@@ -1,6 +1,8 @@
 """The one uvicorn configuration, for ``shimmy serve`` and the tests' servers alike.
 
-- The HTTP protocol is ``GuardedHttpProtocol`` (head deadline, connection cap, lingering close).
+- The HTTP protocol is ``GuardedHttpProtocol`` (head deadline, connection cap, lingering close);
+  the WebSocket one is ``DrainingWebSocketProtocol`` and the server a ``DrainingServer``
+  (graceful shutdown for WebSockets too, ``shimmy.server.shutdown``).
 - Forwarded headers (``X-Forwarded-For``/``-Proto``) are believed only from the proxies in
   ``forwarded_allow_ips``. uvicorn's default believes them from loopback peers, so any local
   process (or a proxy that passes the header through) could pick the address the rate limiter,
@@ -18,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from shimmy.server.protocol import OVERFLOW, ConnectionLimits, GuardedHttpProtocol
+from shimmy.server.shutdown import DrainingWebSocketProtocol
 from shimmy.settings import Settings
 
 # Descriptors kept for everything but client connections: the listening sockets, model files,
@@ -40,7 +43,13 @@ def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Confi
     return uvicorn.Config(
         app,
         http=GuardedHttpProtocol.for_limits(limits),
-        ws="auto",  # websockets' sans-I/O protocol where available: the legacy one is deprecated
+        # websockets' sans-I/O protocol (the legacy one is deprecated), closing a connection on
+        # shutdown only once its requests are answered.
+        ws=DrainingWebSocketProtocol,
+        # Compression would make the bytes on the wire no measure of memory: a frame of a few
+        # KiB inflates to MiBs, and every frame read in one go is inflated and queued before
+        # reading pauses. Without it the socket's flow control bounds what the server holds.
+        ws_per_message_deflate=False,
         proxy_headers=bool(trusted),
         forwarded_allow_ips=list(trusted) if trusted else None,
         server_header=False,

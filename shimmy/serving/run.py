@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from shimmy.engine.types import Event, Finished, TextDelta, TokenLogprob, Usage
-from shimmy.errors import ContextLengthExceeded, GenerationFailed, ShimmyError, unexpected_error
+from shimmy.errors import (
+    ContextLengthExceeded,
+    GenerationFailed,
+    ShimmyError,
+    ShuttingDown,
+    unexpected_error,
+)
+from shimmy.serving.drain import current_drain
 
 if TYPE_CHECKING:
     from shimmy.engine.protocol import Engine, Stream
@@ -193,22 +200,32 @@ async def frames(
 ) -> AsyncGenerator[FrameT, None]:
     """The frames of ``started`` as ``renderer`` writes them; whatever happens, the generation
     is cancelled when the frames stop being read (the client left, the stream was closed)."""
-    try:
-        for frame in renderer.opening():
-            yield frame
-        async for event in started.events():
-            out = (
-                renderer.delta(event) if isinstance(event, TextDelta) else renderer.finished(event)
-            )
-            for frame in out:
+    with current_drain().generation(started.cancel) as generation:
+        try:
+            for frame in renderer.opening():
                 yield frame
-    except ShimmyError as err:
-        for frame in renderer.error(for_request(err, started.prepared)):
-            yield frame
-    except Exception as exc:
-        for frame in renderer.error(unexpected_error(exc)):
-            yield frame
-    finally:
-        started.cancel()
+            async for event in started.events():
+                if (
+                    isinstance(event, Finished)
+                    and event.finish_reason == "cancelled"
+                    and generation.cut
+                ):
+                    # The shutdown's grace ran out: the stop is the server's, not the client's.
+                    raise ShuttingDown("the grace period ended before the generation did")
+                out = (
+                    renderer.delta(event)
+                    if isinstance(event, TextDelta)
+                    else renderer.finished(event)
+                )
+                for frame in out:
+                    yield frame
+        except ShimmyError as err:
+            for frame in renderer.error(for_request(err, started.prepared)):
+                yield frame
+        except Exception as exc:
+            for frame in renderer.error(unexpected_error(exc)):
+                yield frame
+        finally:
+            started.cancel()
     for frame in renderer.closing():
         yield frame

@@ -20,6 +20,17 @@ with ``finish_reason`` "cancelled" before the new one's first frame. At most
 
 A dedicated task reads frames for the whole life of the connection, so a cancel (or the client
 going away) is noticed while tokens are being sent.
+
+Memory: the requests a connection has sent and not yet had answered (waiting or running) may
+hold at most ``ws_max_queued_bytes`` of frames. A request past that is not kept: it is answered
+at once (in its turn, without an ``id``) with the error ``server_busy``, and the connection stays
+open, so a client can send it again once earlier ones are answered. A connection holding
+nothing always takes one frame (up to ``ws_max_message_bytes``).
+
+Shutdown: on SIGTERM the requests a connection has already sent are answered (their tokens and
+done frame) within the grace period; new ones are refused with ``server_shutting_down``; what is
+still running when the grace ends gets an error frame ``server_shutting_down``; then the
+connection is closed with 1012 (service restart).
 """
 
 from __future__ import annotations
@@ -39,8 +50,17 @@ from shimmy.api.native.protocol import GenerateRequest, parse_generate_request
 from shimmy.api.protocol.common import parse_json
 from shimmy.api.routing import websocket_route
 from shimmy.engine.types import Finished, TextDelta
-from shimmy.errors import InvalidRequest, PayloadTooLarge, ShimmyError, unexpected_error
+from shimmy.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ServerBusy,
+    ShimmyError,
+    ShuttingDown,
+    unexpected_error,
+)
+from shimmy.server.heap import trim_heap
 from shimmy.serving.defaults import Dialect
+from shimmy.serving.drain import Drain, Key, current_drain
 from shimmy.serving.lanes import Lane, Lanes
 from shimmy.serving.prepare import prepare
 from shimmy.serving.run import frames, start
@@ -57,6 +77,9 @@ MAX_ID_CHARS = 128
 POLICY_VIOLATION = 1008
 
 RequestId = str | int
+
+# A connection that held this many bytes of frames gives the freed memory back when it ends.
+TRIM_AFTER_BYTES = 1 << 20
 
 # Sending to a client that has gone away raises one of these, depending on the server.
 _SEND_FAILURES = (WebSocketDisconnect, RuntimeError, OSError)
@@ -78,6 +101,7 @@ class _Frame:
     request: GenerateRequest | None = None
     error: ShimmyError | None = None
     cancel: bool = False
+    size: int = 0  # bytes of the frame, counted against ws_max_queued_bytes while it is held
 
 
 class WsFrames:
@@ -109,9 +133,13 @@ class _Connection:
     websocket: WebSocket
     settings: Settings
     registry: ModelRegistry
-    pending: asyncio.Queue[GenerateRequest | ShimmyError | _Disconnected] = field(
+    key: Key | None  # the client's address: how the server's drain knows this connection
+    drain: Drain = field(default_factory=current_drain)
+    pending: asyncio.Queue[tuple[GenerateRequest, int] | ShimmyError | _Disconnected] = field(
         default_factory=asyncio.Queue
     )
+    held_bytes: int = 0  # frames of requests received and not yet answered
+    peak_bytes: int = 0
     job: Lane | None = None  # the request without an id being run
     closed: bool = False  # set by the reader: queued requests are then dropped, not run
     lanes: Lanes = field(default_factory=Lanes)  # requests with an id, by id
@@ -126,13 +154,20 @@ class _Connection:
                 if isinstance(item, _Disconnected) or self.closed:
                     return
                 if isinstance(item, ShimmyError):
-                    await self._send(ws_error_frame(item))
+                    try:
+                        await self._send(ws_error_frame(item))
+                    finally:
+                        self.drain.release(self.key)
                     continue
+                request, size = item
+                del item  # the frame's memory goes once it is answered
                 self.job = Lane()
                 try:
-                    await self._run(item, self.job, {})
+                    await self._run(request, self.job, {})
                 finally:
                     self.job = None
+                    del request
+                    self._let_go(size)
         except _ClientGone:
             return
         finally:
@@ -143,6 +178,10 @@ class _Connection:
             for task in list(self.tasks):
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _let_go(self, size: int) -> None:
+        self.held_bytes -= size
+        self.drain.release(self.key)
 
     def _cancel_everything(self) -> None:
         if self.job is not None:
@@ -174,15 +213,21 @@ class _Connection:
         finally:
             lane.cancel()
 
-    async def _run_tagged(self, request_id: RequestId, request: GenerateRequest) -> None:
-        # Typed keys: the ids 1 and "1" are two requests.
-        async with self.lanes.holding((type(request_id).__name__, request_id)) as lane:
-            with contextlib.suppress(_ClientGone):  # the reader sees the disconnect too
-                await self._run(request, lane, {"id": request_id})
+    async def _run_tagged(self, request_id: RequestId, request: GenerateRequest, size: int) -> None:
+        try:
+            # Typed keys: the ids 1 and "1" are two requests.
+            async with self.lanes.holding((type(request_id).__name__, request_id)) as lane:
+                with contextlib.suppress(_ClientGone):  # the reader sees the disconnect too
+                    await self._run(request, lane, {"id": request_id})
+        finally:
+            self._let_go(size)
 
     async def _send_tagged_error(self, request_id: RequestId, err: ShimmyError) -> None:
-        with contextlib.suppress(_ClientGone):
-            await self._send({"id": request_id, **ws_error_frame(err)})
+        try:
+            with contextlib.suppress(_ClientGone):
+                await self._send({"id": request_id, **ws_error_frame(err)})
+        finally:
+            self.drain.release(self.key)
 
     async def _read_frames(self) -> None:
         """Read every frame of the connection: cancel at once, start or queue the rest.
@@ -203,7 +248,7 @@ class _Connection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            frame = self._decode(message)
+            frame = self._admit(self._decode(message))
             if frame.cancel:
                 if frame.id is None:
                     if self.job is not None:
@@ -219,16 +264,43 @@ class _Connection:
             if self.pending.qsize() >= MAX_PENDING_FRAMES:
                 await self._close_for_policy("too many pending requests")
                 return
-            item = frame.request if frame.request is not None else frame.error
-            self.pending.put_nowait(item if item is not None else InvalidRequest())
+            self.drain.hold(self.key)
+            if frame.request is not None:
+                self._take(frame.size)
+                self.pending.put_nowait((frame.request, frame.size))
+            else:
+                self.pending.put_nowait(frame.error or InvalidRequest())
+
+    def _admit(self, frame: _Frame) -> _Frame:
+        """``frame``, or an error in its place when the connection may not take it: the server
+        is shutting down, or its bytes would take the connection past ws_max_queued_bytes."""
+        if frame.request is None:
+            return frame
+        if self.drain.closing:
+            return _Frame(id=frame.id, error=ShuttingDown("no new requests are taken"))
+        cap = self.settings.ws_max_queued_bytes
+        if self.held_bytes and self.held_bytes + frame.size > cap:
+            err = ServerBusy(
+                f"this connection's unanswered requests already hold {self.held_bytes} bytes "
+                f"(ws_max_queued_bytes: {cap}); send it again once some are answered",
+                retry_after=1,
+            )
+            return _Frame(id=frame.id, error=err)
+        return frame
+
+    def _take(self, size: int) -> None:
+        self.held_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
 
     def _spawn(self, frame: _Frame) -> bool:
         """Start answering a frame with an id; False when too many are in flight already."""
         assert frame.id is not None
         if len(self.tasks) >= MAX_IN_FLIGHT:
             return False
+        self.drain.hold(self.key)
         if frame.request is not None:
-            work = self._run_tagged(frame.id, frame.request)
+            self._take(frame.size)
+            work = self._run_tagged(frame.id, frame.request, frame.size)
         else:
             work = self._send_tagged_error(frame.id, frame.error or InvalidRequest())
         task = asyncio.create_task(work)
@@ -247,8 +319,9 @@ class _Connection:
                 error=InvalidRequest("Binary frames are not accepted; send JSON as a text frame")
             )
         limit = self.settings.ws_max_message_bytes
-        # len(text) <= byte length <= 4 * len(text): encode only when it can matter.
-        if len(text) > limit or (4 * len(text) > limit and len(text.encode()) > limit):
+        # isascii() is O(1) on CPython's compact strings: encode only when it can matter.
+        size = len(text) if text.isascii() else len(text.encode())
+        if size > limit:
             return _Frame(error=PayloadTooLarge(f"A frame may hold at most {limit} bytes"))
         try:
             data = parse_json(text)
@@ -263,7 +336,7 @@ class _Connection:
         if isinstance(data, dict) and data.get("cancel") is True:
             return _Frame(id=request_id, cancel=True)
         try:
-            return _Frame(id=request_id, request=parse_generate_request(data))
+            return _Frame(id=request_id, request=parse_generate_request(data), size=size)
         except ShimmyError as err:
             return _Frame(id=request_id, error=err)
 
@@ -281,10 +354,17 @@ def _request_id(value: Any) -> RequestId:
 async def ws_generate(websocket: WebSocket) -> None:
     await websocket.accept()
     app_state = websocket.app.state
-    connection = _Connection(websocket, app_state.settings, app_state.registry)
-    await connection.serve()
+    client = websocket.scope.get("client")
+    key = (str(client[0]), int(client[1])) if client else None
+    connection = _Connection(websocket, app_state.settings, app_state.registry, key)
+    try:
+        await connection.serve()
+    finally:
+        connection.drain.forget(key)
     with contextlib.suppress(*_SEND_FAILURES):
         await websocket.close()
+    if connection.peak_bytes >= TRIM_AFTER_BYTES:
+        await asyncio.to_thread(trim_heap)
 
 
 routes: list[BaseRoute] = [
