@@ -166,7 +166,10 @@ async def serve(sock: socket.socket) -> None:
             if kind == "start":
                 entry, settings, options = args
                 settings = Settings.model_validate(settings)
-                logging.getLogger().setLevel(settings.log_level.upper())
+                # The server relays each line as a warning: only what is worth one, unless
+                # debugging.
+                debug = settings.log_level == "debug"
+                logging.getLogger().setLevel(logging.DEBUG if debug else logging.WARNING)
                 loading = asyncio.get_running_loop().create_task(
                     server.load(entry, settings, ModelOptions.model_validate(options))
                 )
