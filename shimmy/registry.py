@@ -101,23 +101,23 @@ class ModelRegistry:
 
         return stop
 
+    def _tell(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` (an ``EngineHooks`` field name) of every observer that has it."""
+        for hooks in self._observers:
+            observer = getattr(hooks, hook)
+            if observer is not None:
+                try:
+                    observer(*args)
+                except Exception:  # one broken observer must not starve the others
+                    log.exception("%s observer failed", hook)
+
     def _finished(
         self, model_id: str, usage: Usage, enqueued_at: float, first_token_at: float | None
     ) -> None:
-        for hooks in self._observers:
-            if hooks.on_finish is not None:
-                try:
-                    hooks.on_finish(model_id, usage, enqueued_at, first_token_at)
-                except Exception:  # one broken observer must not starve the others
-                    log.exception("on_finish observer failed")
+        self._tell("on_finish", model_id, usage, enqueued_at, first_token_at)
 
     def _load_progress(self, model_id: str, fraction: float) -> None:
-        for hooks in self._observers:
-            if hooks.on_load_progress is not None:
-                try:
-                    hooks.on_load_progress(model_id, fraction)
-                except Exception:
-                    log.exception("on_load_progress observer failed")
+        self._tell("on_load_progress", model_id, fraction)
 
     # --- crashes ---------------------------------------------------------------------------
     def _crashed(self, model_id: str, reason: str) -> None:
@@ -138,12 +138,7 @@ class ModelRegistry:
                 if entry is not None:
                     entry.error = why
             log.error("%s is now unusable: %s", model_id, why)
-        for hooks in self._observers:
-            if hooks.on_crash is not None:
-                try:
-                    hooks.on_crash(model_id, reason)
-                except Exception:
-                    log.exception("on_crash observer failed")
+        self._tell("on_crash", model_id, reason)
 
     def _engine_crashed(self, model_id: str, reason: str) -> None:
         engine = self._engines.pop(model_id, None)
