@@ -36,7 +36,22 @@ ANTHROPIC_PREFIX = "/v1/messages"
 # Ollama's and RKLLama's clients read a bare message: ``{"error": "..."}``.
 FLAT_ERROR_PREFIXES = ("/ollama", "/rkllama")
 # llama.cpp's server routes (shimmy.api.llamacpp) answer errors the way llama.cpp does.
-LLAMACPP_PATHS = frozenset({"/infill"})
+# llama.cpp's routes, and OpenAI's as llama.cpp serves them without /v1: its error body.
+LLAMACPP_PATHS = frozenset(
+    {
+        "/infill",
+        "/completion",
+        "/completions",
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
+        "/props",
+        "/slots",
+        "/chat/completions",
+        "/embeddings",
+        "/models",
+    }
+)
 
 # How many pydantic errors one response lists; a huge invalid body must not make a huge reply.
 _MAX_LISTED_ERRORS = 5

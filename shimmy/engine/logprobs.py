@@ -21,16 +21,21 @@ def token_logprob(
     shifted = logits.astype(np.float64) - float(logits.max())
     logsumexp = math.log(float(np.exp(shifted).sum()))
     top: dict[str, float] = {}
+    top_ids: dict[str, int] = {}
     if top_n > 0:
         best = np.argpartition(-shifted, min(top_n, len(shifted) - 1))[:top_n]
         for t in sorted(best, key=lambda t: -shifted[t]):
             text = token_bytes(int(t)).decode("utf-8", "replace")
             # Tokens that decode to the same text (broken UTF-8 pieces) keep the likeliest.
-            top.setdefault(text, float(shifted[t] - logsumexp))
+            if text not in top:
+                top[text] = float(shifted[t] - logsumexp)
+                top_ids[text] = int(t)
     return TokenLogprob(
         token=piece.decode("utf-8", "replace"),
         logprob=float(shifted[token] - logsumexp),
         top=top,
+        id=token,
+        top_ids=top_ids,
     )
 
 

@@ -326,8 +326,10 @@ class Scheduler:
             logits = self.ctx.logits(slot.batch_index, self.model.n_vocab)
             logprobs = [token_logprob(logits, token, piece, top_n, self._token_bytes)]
         text = slot.assembler.feed(piece)
+        slot.unsent.append(token)
         if text or logprobs:
-            slot.job.stream.push(TextDelta(text, logprobs))
+            slot.job.stream.push(TextDelta(text, logprobs, slot.unsent))
+            slot.unsent = []
         if slot.assembler.stopped:
             cause = slot.assembler.cause
             self._finish(slot, "length" if cause == "time_budget" else "stop", cause=cause)

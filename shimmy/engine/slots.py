@@ -46,6 +46,8 @@ class Slot:
     # chunk sits: (first prompt position, its batch index, how many tokens).
     scores: list[PromptToken] | None = None
     scored_chunk: tuple[int, int, int] | None = None
+    # Sampled tokens whose text is still held back (a partial character, a possible stop).
+    unsent: list[int] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -67,6 +69,7 @@ class Slot:
         self.batch_index = -1
         self.max_new = max_new
         self.generated = 0
+        self.unsent = []
         self.cached_at_start = reused
         self.last_used = time.monotonic()
         self.scores = None
@@ -93,8 +96,9 @@ class Slot:
         partial character). The slot stays busy until ``release``."""
         assert self.job is not None and self.assembler is not None
         tail = self.assembler.finish()
-        if tail:
-            self.job.stream.push(TextDelta(tail))
+        if tail or self.unsent:
+            self.job.stream.push(TextDelta(tail, tokens=self.unsent))
+            self.unsent = []
         return self.usage()
 
     def release(self, ctx: LlamaContext, *, drop_cache: bool = False) -> Job | None:

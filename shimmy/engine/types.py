@@ -94,6 +94,9 @@ class TokenLogprob:
     token: str
     logprob: float
     top: dict[str, float] = field(default_factory=dict)
+    # Vocabulary ids of the token and of each ``top`` entry (llama.cpp's n_probs shows them).
+    id: int = -1
+    top_ids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +114,9 @@ class TextDelta:
 
     text: str
     logprobs: list[TokenLogprob] | None = None
+    # The ids of the tokens sampled since the last delta (text held back included), for
+    # llama.cpp's ``tokens``; None where they are not known (the fake engine).
+    tokens: list[int] | None = None
 
 
 @dataclass

@@ -64,6 +64,9 @@ class GenerationInput:
     response_format: ResponseFormat | None = None
     fim: FimInput | None = None  # fill in the middle (serving/fim.py), instead of a prompt
     early_stop: EarlyStop | None = None
+    # False: the rendered conversation ends after its last message, without the opening of the
+    # assistant's turn (llama.cpp's /apply-template shows either).
+    add_generation_prompt: bool = True
 
     def __post_init__(self) -> None:
         if [self.prompt, self.messages, self.fim].count(None) != 2:
@@ -121,7 +124,10 @@ async def prepare(
             )
         wire_tools = tools.wire_tools if tools.offered else None
         prompt: str | list[int] = await asyncio.to_thread(
-            engine.template.render, messages, tools=wire_tools
+            engine.template.render,
+            messages,
+            add_generation_prompt=given.add_generation_prompt,
+            tools=wire_tools,
         )
         stop += [marker for marker in engine.template.stop_strings if marker not in stop]
     elif given.fim is not None:

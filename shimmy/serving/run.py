@@ -94,12 +94,14 @@ class Collected:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # where each token's text starts
     first_event_at: float | None = None  # time.monotonic() of its first event
+    tokens: list[int] = field(default_factory=list)  # generated ids, where the engine says
 
 
 async def _drain(stream: Stream) -> Collected:
     parts: list[str] = []
     logprobs: list[TokenLogprob] = []
     offsets: list[int] = []
+    tokens: list[int] = []
     length = 0
     first: float | None = None
     async for event in stream:
@@ -110,8 +112,9 @@ async def _drain(stream: Stream) -> Collected:
                 offsets.append(length)
             parts.append(event.text)
             length += len(event.text)
+            tokens += event.tokens or ()
         else:
-            return Collected("".join(parts), event, logprobs, offsets, first)
+            return Collected("".join(parts), event, logprobs, offsets, first, tokens)
     raise GenerationFailed("the generation ended unexpectedly")
 
 

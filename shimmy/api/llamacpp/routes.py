@@ -1,10 +1,10 @@
-"""llama.cpp's server routes: ``POST /infill`` (code completion for llama.vscode, llama.vim).
+"""llama.cpp's server routes: ``POST /infill`` (code completion for llama.vscode, llama.vim), the
+table of every llama.cpp route (``/completion`` is in ``completion``, the others in ``server``),
+and OpenAI's routes without the ``/v1`` prefix, as llama.cpp serves them too.
 
 Answers have llama.cpp's shapes: one JSON object, or with ``stream`` server-sent events of
 ``{"content", "stop": false, ...}`` ending with the final object (``"stop": true``) and no
-``[DONE]``; errors are llama.cpp's ``{"error": {"code", "message", "type"}}``. Timings are
-measured here, around the engine: ``prompt_ms`` runs from the request's start to its first
-token (a wait for a slot included), ``predicted_ms`` from then to the end.
+``[DONE]``; errors are llama.cpp's ``{"error": {"code", "message", "type"}}``.
 
 A request with an ``X-Client-Id`` replaces the one still running with the same id (see
 ``shimmy.serving.lanes``); the replaced one ends with what it had, ``stop_type`` "none".
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -33,94 +33,39 @@ from shimmy.api.context import (
 )
 from shimmy.api.errors import llamacpp_error_body
 from shimmy.api.keepalive import wants_to_wait
-from shimmy.api.llamacpp.protocol import InfillAnswer, InfillRequest, StopType
+from shimmy.api.llamacpp import server
+from shimmy.api.llamacpp.completion import completion
+from shimmy.api.llamacpp.protocol import (
+    ApplyTemplateRequest,
+    ApplyTemplateResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    InfillAnswer,
+    InfillRequest,
+    LlamaCompletionAnswer,
+    LlamaCompletionRequest,
+    Props,
+    SlotList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from shimmy.api.llamacpp.results import Clock, generation_settings, select_fields, stop_type
+from shimmy.api.openai import routes as openai
+from shimmy.api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    OpenAIModelList,
+)
 from shimmy.api.protocol.common import parse_body
-from shimmy.api.routing import GENERATION_ERRORS, SSE, api_route
+from shimmy.api.routing import GENERATION_ERRORS, MODEL_ERRORS, SSE, api_route
 from shimmy.api.sse import EventStreamResponse, sse_event
 from shimmy.engine.types import Finished, TextDelta
 from shimmy.errors import ShimmyError
 from shimmy.serving.defaults import Dialect
 from shimmy.serving.prepare import Prepared, prepare
 from shimmy.serving.run import collect_one, frames, start
-
-
-def stop_type(finished: Finished) -> StopType:
-    if finished.finish_reason == "cancelled":
-        return "none"
-    if finished.cause == "eog":
-        return "eos"
-    if finished.cause == "stop_string":
-        return "word"
-    return "limit"  # the length limit, and the line rules (llama.cpp's n_indent is a limit)
-
-
-@dataclass
-class Clock:
-    """When the request started and its first event came (``time.monotonic()``)."""
-
-    started: float = field(default_factory=time.monotonic)
-    first: float | None = None
-
-    def timings(self, finished: Finished, ended: float) -> dict[str, Any]:
-        usage = finished.usage
-        first = self.first if self.first is not None else ended
-        prompt_n = usage.prompt_tokens - usage.cached_tokens
-        prompt_ms = (first - self.started) * 1000
-        predicted_ms = (ended - first) * 1000
-        return {
-            "cache_n": usage.cached_tokens,
-            "prompt_n": prompt_n,
-            "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
-            "prompt_per_second": prompt_n / prompt_ms * 1000 if prompt_ms > 0 else 0.0,
-            "predicted_n": usage.completion_tokens,
-            "predicted_ms": predicted_ms,
-            "predicted_per_token_ms": (
-                predicted_ms / usage.completion_tokens if usage.completion_tokens else 0.0
-            ),
-            "predicted_per_second": (
-                usage.completion_tokens / predicted_ms * 1000 if predicted_ms > 0 else 0.0
-            ),
-        }
-
-
-def generation_settings(body: InfillRequest, prepared: Prepared, model: str) -> dict[str, Any]:
-    sampling = prepared.request.sampling
-    return {
-        "model": model,
-        "n_predict": body.n_predict,
-        "seed": sampling.seed if sampling.seed is not None else 2**32 - 1,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "min_p": sampling.min_p,
-        "repeat_last_n": sampling.penalty_last_n,
-        "repeat_penalty": sampling.repetition_penalty,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-        "samplers": list(sampling.chain) if sampling.chain is not None else None,
-        "stop": list(prepared.request.stop),
-        "n_indent": body.n_indent,
-        "t_max_predict_ms": body.t_max_predict_ms,
-        "stream": body.stream,
-    }
-
-
-def select_fields(result: dict[str, Any], paths: list[str] | None) -> dict[str, Any]:
-    """llama.cpp's ``response_fields``: only the fields named, by slash-separated paths, each
-    keyed by its path; a path that leads nowhere is left out."""
-    if paths is None:
-        return result
-    chosen: dict[str, Any] = {}
-    for path in paths:
-        node: Any = result
-        for key in path.split("/"):
-            if not isinstance(node, dict) or key not in node:
-                break
-            node = node[key]
-        else:
-            chosen[path] = node
-    return chosen
 
 
 @dataclass
@@ -143,7 +88,14 @@ class Final:
             "model": self.model,
             "tokens_predicted": usage.completion_tokens,
             "tokens_evaluated": usage.prompt_tokens,
-            "generation_settings": generation_settings(self.body, self.prepared, self.model),
+            "generation_settings": generation_settings(
+                self.prepared,
+                self.model,
+                self.body.n_predict,
+                self.body.stream,
+                n_indent=self.body.n_indent,
+                t_max_predict_ms=self.body.t_max_predict_ms,
+            ),
             "has_new_line": has_new_line,
             "truncated": self.prepared.truncated,
             "stop_type": stop_type(finished),
@@ -216,6 +168,77 @@ async def infill(request: Request) -> Response:
     return JSONResponse(final.result(result.text, result.finished, "\n" in result.text))
 
 
+TAGS = ["llama.cpp"]
+COMPLETION_DESCRIPTION = (
+    "`prompt`: text, token ids, both mixed, `{prompt_string}`, or a list of those (answered "
+    "with a list). Streamed: `{content, tokens, stop: false}` events, then the final object "
+    "with `timings`; no `[DONE]`."
+)
+
+
+def _completion_route(path: str) -> BaseRoute:
+    return api_route(
+        path,
+        completion,
+        methods=["POST"],
+        summary=f"Text completion (llama.cpp's {path})",
+        description=COMPLETION_DESCRIPTION,
+        body=LlamaCompletionRequest,
+        response=LlamaCompletionAnswer,
+        streams=[SSE],
+        response_description="The completion (a list for a list of prompts)",
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    )
+
+
+def _model_route(path: str, endpoint: Any, summary: str, response: Any, **facts: Any) -> BaseRoute:
+    return api_route(
+        path,
+        endpoint,
+        methods=["GET"],
+        summary=summary,
+        response=response,
+        errors=MODEL_ERRORS,
+        tags=TAGS,
+        **facts,
+    )
+
+
+# OpenAI's routes as llama.cpp also serves them, without /v1: the same handlers, with
+# llama.cpp's error body (shimmy.api.errors). /completions is llama.cpp's own, as there.
+UNPREFIXED_OPENAI: list[BaseRoute] = [
+    api_route(
+        "/chat/completions",
+        openai.chat_completions,
+        methods=["POST"],
+        summary="Chat completion (OpenAI, without /v1, as llama.cpp serves it)",
+        body=ChatCompletionRequest,
+        response=ChatCompletion,
+        streams=[SSE],
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/embeddings",
+        openai.embeddings,
+        methods=["POST"],
+        summary="Embeddings (OpenAI, without /v1, as llama.cpp serves it)",
+        body=EmbeddingRequest,
+        response=EmbeddingList,
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/models",
+        openai.list_models,
+        methods=["GET"],
+        summary="List usable models (OpenAI, without /v1, as llama.cpp serves it)",
+        response=OpenAIModelList,
+        tags=TAGS,
+    ),
+]
+
 routes: list[BaseRoute] = [
     api_route(
         "/infill",
@@ -232,6 +255,47 @@ routes: list[BaseRoute] = [
         response_description="The completion (with `response_fields`: only those fields)",
         errors=GENERATION_ERRORS,
         headers={CLIENT_ID_HEADER: CLIENT_ID_DESCRIPTION},
-        tags=["llama.cpp"],
-    )
+        tags=TAGS,
+    ),
+    _completion_route("/completion"),
+    _completion_route("/completions"),
+    api_route(
+        "/tokenize",
+        server.tokenize,
+        methods=["POST"],
+        summary="Text to the model's token ids (llama.cpp)",
+        description="`with_pieces`: each id with its text (its bytes when not valid UTF-8).",
+        body=TokenizeRequest,
+        response=TokenizeResponse,
+        errors=MODEL_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/detokenize",
+        server.detokenize,
+        methods=["POST"],
+        summary="Token ids to text (llama.cpp)",
+        body=DetokenizeRequest,
+        response=DetokenizeResponse,
+        errors=MODEL_ERRORS,
+        tags=TAGS,
+    ),
+    api_route(
+        "/apply-template",
+        server.apply_template,
+        methods=["POST"],
+        summary="The prompt a chat would be decoded from (llama.cpp)",
+        body=ApplyTemplateRequest,
+        response=ApplyTemplateResponse,
+        errors=GENERATION_ERRORS,
+        tags=TAGS,
+    ),
+    _model_route("/props", server.props, "The model and its defaults (llama.cpp)", Props),
+    _model_route(
+        "/slots",
+        server.slots,
+        "Whether each slot is busy (llama.cpp; read-only, prompts never shown)",
+        SlotList,
+    ),
+    *UNPREFIXED_OPENAI,
 ]

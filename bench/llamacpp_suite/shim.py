@@ -1,0 +1,137 @@
+"""``llama-server``'s command line, run as ``shimmy serve``: the argument shim that lets
+llama.cpp's own server tests (tools/server/tests) start shimmy instead.
+
+Every model the suite asks for (``--model``, ``--hf-repo``...) is the one GGUF in
+``SHIMMY_SUITE_MODEL``: there is no download here, so the report counts only the tests written
+for the suite's default model. Flags map as follows; a flag for a feature shimmy does not have
+(speculative decoding, LoRA at startup, router mode, slot saving, multimodal projectors, MCP
+tools...) ends the shim with status 2, so the test fails at once and says why.
+
+- ``--ctx-size`` is llama.cpp's whole KV cache, shared by ``--parallel`` slots; shimmy's
+  ``--ctx-size`` is one sequence's: it gets ``ctx / parallel``.
+- ``--temp``, ``--n-predict``, ``--alias`` and ``--chat-template-file`` become the model's
+  TOML config (sampling defaults, aliases, template); ``--n-predict`` also caps ``max_tokens``.
+- ``--host`` and ``--port`` become ``--bind``; ``--api-key``, ``--threads``, ``--batch-size``,
+  ``--n-gpu-layers``, ``--no-ui`` have shimmy equivalents.
+- Flags that change nothing observable here (``--seed``: shimmy has no server-wide seed;
+  ``--jinja``, ``--cont-batching``, ``--embedding``, ``--slots``, ``--metrics``, ``-fa``...) are
+  accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+UNSUPPORTED = (
+    "--model-draft",
+    "--spec-type",
+    "--lora",
+    "--models-dir",
+    "--models-preset",
+    "--slot-save-path",
+    "--mmproj-url",
+    "--media-path",
+    "--sleep-idle-seconds",
+    "--tools",
+    "--mcp-servers-config",
+    "--mcp-servers-json",
+    "--grp-attn-n",
+    "--context-shift",
+    "--reasoning",
+    "--reasoning-format",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-server (shimmy shim)", add_help=False)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--temp", type=float)
+    p.add_argument("--ctx-size", type=int)
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int)
+    p.add_argument("--n-predict", type=int)
+    p.add_argument("--alias")
+    p.add_argument("--api-key")
+    p.add_argument("--chat-template-file")
+    p.add_argument("--no-ui", action="store_true")
+    for flag in UNSUPPORTED:
+        p.add_argument(flag, dest=flag.lstrip("-").replace("-", "_") + "_unsupported")
+    return p
+
+
+def model_id(model: Path) -> str:
+    """The id shimmy gives a GGUF file named with ``--model``."""
+    from shimmy.models.discovery import entry_for_file
+
+    return entry_for_file(model).id
+
+
+def config_text(args: argparse.Namespace, model: Path) -> str:
+    options: dict[str, object] = {}
+    if args.alias:
+        options["aliases"] = [a.strip() for a in args.alias.split(",") if a.strip()]
+    if args.chat_template_file:
+        options["chat_template"] = Path(args.chat_template_file).read_text()
+    sampling: dict[str, object] = {}
+    if args.temp is not None:
+        sampling["temperature"] = args.temp
+    if args.n_predict is not None and args.n_predict > 0:
+        sampling["max_tokens"] = args.n_predict
+    key = json.dumps(model_id(model))
+    lines = [f"[models.{key}]"]
+    lines += [f"{name} = {json.dumps(value)}" for name, value in options.items()]
+    lines.append(f"[models.{key}.sampling]")
+    lines += [f"{name} = {json.dumps(value)}" for name, value in sampling.items()]
+    return "\n".join(lines) + "\n"
+
+
+def command(args: argparse.Namespace, model: Path, config: Path) -> list[str]:
+    parallel = max(1, args.parallel)
+    host = args.host.split(",")[0].strip()
+    bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    argv = [sys.executable, "-m", "shimmy", "serve", "--bind", bind, "-m", str(model)]
+    argv += ["--config", str(config), "--parallel", str(parallel), "--keep-alive", "-1"]
+    argv += ["--no-user-caches", "--no-starter"]
+    if args.ctx_size:
+        argv += ["--ctx-size", str(max(64, args.ctx_size // parallel))]
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--threads", args.threads),
+        ("--n-gpu-layers", args.n_gpu_layers),
+        ("--api-key", args.api_key),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.no_ui:
+        argv.append("--no-web-ui")
+    return argv
+
+
+def main() -> None:
+    args, _dropped = parser().parse_known_args()
+    for name, value in vars(args).items():
+        if name.endswith("_unsupported") and value is not None:
+            flag = "--" + name.removesuffix("_unsupported").replace("_", "-")
+            sys.exit(f"shim: shimmy has no equivalent of {flag}")
+    model = Path(os.environ["SHIMMY_SUITE_MODEL"])
+    folder = Path(tempfile.mkdtemp(prefix="shimmy-suite-"))
+    config = folder / "models.toml"
+    config.write_text(config_text(args, model))
+    env = {**os.environ, "SHIMMY_MODELS_DIR": str(folder / "models")}
+    if args.n_predict is not None and args.n_predict > 0:
+        env["SHIMMY_MAX_TOKENS_CAP"] = str(args.n_predict)
+    argv = command(args, model, config)
+    print("shim:", " ".join(argv), flush=True)
+    os.execve(argv[0], argv, env)
+
+
+if __name__ == "__main__":
+    main()
