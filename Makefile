@@ -24,7 +24,7 @@ endif
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/wheels/$(LLAMA_CPP_VERSION)-$(GPU)
 NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
-.PHONY: install llama-cpp browser test test-fast lint format serve bench clean
+.PHONY: install llama-cpp browser test test-fast lint format serve bench clean llamacpp-suite
 
 install: $(BIN)/python llama-cpp browser
 	$(BIN)/pip install -q -e '.[dev,bench,starter]'
@@ -78,6 +78,11 @@ format:
 
 serve:
 	$(BIN)/shimmy serve
+
+# llama.cpp's own server tests against shimmy (slow; fetches the llama-cpp-python sdist once).
+# SUITE=path/to/tools/server/tests uses that copy; FILES=test_completion.py picks files.
+llamacpp-suite:
+	$(BIN)/python bench/llamacpp_suite/run.py $(if $(SUITE),--suite $(SUITE)) $(FILES)
 
 bench:
 	$(BIN)/python bench/bench.py

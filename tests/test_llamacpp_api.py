@@ -200,3 +200,24 @@ def test_errors_have_llamacpps_shape(url: str) -> None:
 def test_a_prompt_longer_than_the_context_is_refused(url: str) -> None:
     error = post(url, "/completion", {"prompt": "ab " * 2000, "n_predict": 1}, status=400)
     assert error["error"]["code"] == 400
+
+
+def test_a_configured_seed_makes_answers_repeat(
+    tiny_model_dir: Path, tmp_path: Path, server_factory: Any
+) -> None:
+    """llama-server's ``--seed``: the model's ``sampling.seed`` for every request without one."""
+    config = tmp_path / "shimmy.toml"
+    config.write_text("[models.tiny.sampling]\nseed = 42\ntemperature = 1.0\n", encoding="utf-8")
+    base = server_factory(isolated_settings(tiny_model_dir, tmp_path, config=config))
+    assert (
+        httpx.get(f"{base}/props", timeout=60).json()["default_generation_settings"]["params"][
+            "seed"
+        ]
+        == 42
+    )
+    body = {"prompt": "ab", "n_predict": 12, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    first = post(base, "/completion", body)
+    assert first["generation_settings"]["seed"] == 42
+    assert post(base, "/completion", body)["content"] == first["content"]
+    others = {post(base, "/completion", {**body, "seed": s})["content"] for s in range(4)}
+    assert len(others) > 1  # a request's own seed still wins

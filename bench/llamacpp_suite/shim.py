@@ -9,12 +9,12 @@ tools...) ends the shim with status 2, so the test fails at once and says why.
 
 - ``--ctx-size`` is llama.cpp's whole KV cache, shared by ``--parallel`` slots; shimmy's
   ``--ctx-size`` is one sequence's: it gets ``ctx / parallel``.
-- ``--temp``, ``--n-predict``, ``--alias`` and ``--chat-template-file`` become the model's
-  TOML config (sampling defaults, aliases, template); ``--n-predict`` also caps ``max_tokens``.
+- ``--temp``, ``--seed``, ``--n-predict``, ``--alias`` and ``--chat-template-file`` become the
+  model's TOML config (sampling defaults, aliases, template); ``--n-predict`` also caps
+  ``max_tokens``.
 - ``--host`` and ``--port`` become ``--bind``; ``--api-key``, ``--threads``, ``--batch-size``,
   ``--n-gpu-layers``, ``--no-ui`` have shimmy equivalents.
-- Flags that change nothing observable here (``--seed``: shimmy has no server-wide seed;
-  ``--jinja``, ``--cont-batching``, ``--embedding``, ``--slots``, ``--metrics``, ``-fa``...) are
+- Flags that change nothing observable here (``--jinja``, ``--cont-batching``, ``--embedding``, ``--slots``, ``--metrics``, ``-fa``...) are
   accepted and dropped.
 """
 
@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--temp", type=float)
+    p.add_argument("--seed", type=int)
     p.add_argument("--ctx-size", type=int)
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--batch-size", type=int)
@@ -83,6 +84,8 @@ def config_text(args: argparse.Namespace, model: Path) -> str:
     sampling: dict[str, object] = {}
     if args.temp is not None:
         sampling["temperature"] = args.temp
+    if args.seed is not None and 0 <= args.seed < 2**32:
+        sampling["seed"] = args.seed
     if args.n_predict is not None and args.n_predict > 0:
         sampling["max_tokens"] = args.n_predict
     key = json.dumps(model_id(model))

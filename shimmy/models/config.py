@@ -13,6 +13,7 @@ lora_scale = 0.8
 [models."gemma-3-270m-q4-k-m".sampling]
 temperature = 0.3
 top_p = 0.95
+seed = 42
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class SamplingDefaults(BaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
+    # Every request without a seed of its own samples with this one: the same prompt gets the
+    # same answer (llama-server's --seed).
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
     def values(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

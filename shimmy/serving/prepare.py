@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from shimmy.settings import Settings
 
 # The sampling fields a model's config may give defaults for (``[models.X.sampling]``).
-_CONFIGURABLE = ("temperature", "top_p", "top_k", "repetition_penalty")
+_CONFIGURABLE = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 @dataclass

@@ -61,7 +61,7 @@ class Clock:
 def select_fields(result: dict[str, Any], paths: list[str] | None) -> dict[str, Any]:
     """llama.cpp's ``response_fields``: only the fields named, by slash-separated paths, each
     keyed by its path; a path that leads nowhere is left out."""
-    if paths is None:
+    if not paths:  # llama.cpp: an empty list, like none, means every field
         return result
     chosen: dict[str, Any] = {}
     for path in paths:
