@@ -14,8 +14,8 @@ tools...) ends the shim with status 2, so the test fails at once and says why.
   ``max_tokens``.
 - ``--host`` and ``--port`` become ``--bind``; ``--api-key``, ``--threads``, ``--batch-size``,
   ``--n-gpu-layers``, ``--no-ui`` have shimmy equivalents.
-- Flags that change nothing observable here (``--jinja``, ``--cont-batching``, ``--embedding``, ``--slots``, ``--metrics``, ``-fa``...) are
-  accepted and dropped.
+- Flags that change nothing observable here (``--jinja``, ``--cont-batching``, ``--embedding``,
+  ``--slots``, ``--metrics``, ``-fa``...) are accepted and dropped.
 """
 
 from __future__ import annotations
