@@ -200,6 +200,8 @@ def test_errors_have_llamacpps_shape(url: str) -> None:
 def test_a_prompt_longer_than_the_context_is_refused(url: str) -> None:
     error = post(url, "/completion", {"prompt": "ab " * 2000, "n_predict": 1}, status=400)
     assert error["error"]["code"] == 400
+    assert error["error"]["type"] == "exceed_context_size_error"
+    assert error["error"]["n_ctx"] == 1024 and error["error"]["n_prompt_tokens"] > 1024
 
 
 def test_a_configured_seed_makes_answers_repeat(

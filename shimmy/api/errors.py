@@ -143,11 +143,14 @@ def llamacpp_error_body(err: ShimmyError) -> dict[str, Any]:
     """``{"error": {"code": <HTTP status>, "message", "type"}}``, llama.cpp's error body."""
     message = f"{err.message}: {err.details}" if err.details else err.message
     kind = openai_error_type(err.status)
+    sizes: dict[str, Any] = {}
     if err.code == "context_length_exceeded":
         kind = "exceed_context_size_error"
+        # Clients shorten the prompt by these (where the engine measured them).
+        sizes = {k: v for k, v in err.extra.items() if k in ("n_prompt_tokens", "n_ctx")}
     elif err.status in _LLAMACPP_TYPES:
         kind = _LLAMACPP_TYPES[err.status]
-    return {"error": {"code": err.status, "message": message, "type": kind}}
+    return {"error": {"code": err.status, "message": message, "type": kind, **sizes}}
 
 
 _LLAMACPP_TYPES = {

@@ -244,6 +244,7 @@ class Scheduler:
                 f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx} "
                 "(including at least one generated token)",
                 param="prompt",
+                extra={"n_prompt_tokens": len(prompt), "n_ctx": self.n_ctx},
             )
         return prompt
 
