@@ -188,6 +188,8 @@ def test_errors_have_llamacpps_shape(url: str) -> None:
         ("/completion", {"prompt": {"prompt_string": "x", "multimodal_data": ["AAAA"]}}),
         ("/completion", {"prompt": ["a", "b"], "stream": True}),
         ("/detokenize", {"tokens": [-1]}),
+        ("/detokenize", {"tokens": [1, 10**6]}),  # llama.cpp itself would abort on it
+        ("/completion", {"prompt": [10**6], "n_predict": 1}),
         ("/chat/completions", {"messages": []}),
     ):
         error = post(url, path, body, status=400)["error"]

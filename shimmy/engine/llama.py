@@ -147,6 +147,10 @@ class LlamaModel:
         return buf.raw[:n]
 
     def detokenize(self, tokens: list[int]) -> str:
+        # llama.cpp indexes its token table unchecked: an id a client made up would abort.
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary", param="tokens")
         buf = ctypes.create_string_buffer(256)
         return b"".join(self.token_bytes(t, buf) for t in tokens).decode("utf-8", "replace")
 
