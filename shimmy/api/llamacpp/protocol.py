@@ -10,7 +10,7 @@ matching prefix is chosen), ``lora``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, RootModel, StrictBool, StrictStr
 
@@ -45,12 +45,11 @@ Samplers = (
 MAX_RESPONSE_FIELDS = 64
 
 
-class InfillRequest(WireModel):
+class LlamaSampling(WireModel):
+    """What llama.cpp's generation routes (/completion, /infill) share: the model, the length
+    and its samplers, named as llama.cpp names them."""
+
     model: NonEmptyStr = "default"
-    input_prefix: StrictStr
-    input_suffix: StrictStr
-    input_extra: ExtraFiles = Field(default_factory=list)
-    prompt: StrictStr = Field("", description="Text after input_prefix: the cursor's line so far")
     n_predict: Annotated[
         StrictInteger,
         Field(
@@ -74,11 +73,36 @@ class InfillRequest(WireModel):
     samplers: Samplers | None = Field(
         None, description='Sampler names in order (["top_k", "top_p", "infill"]) or letters'
     )
+    response_fields: Annotated[list[StrictStr], Field(max_length=MAX_RESPONSE_FIELDS)] | None = None
+
+    def sampling_sent(self) -> dict[str, Any]:
+        """The sampling fields the client set, in engine terms (llama.cpp's names differ)."""
+        sent: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repeat_penalty,
+            "penalty_last_n": self.repeat_last_n,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        if self.seed is not None and self.seed not in RANDOM_SEEDS:
+            sent["seed"] = self.seed
+        if self.samplers is not None:
+            sent["chain"] = sampler_chain(self.samplers)
+        return {name: value for name, value in sent.items() if value is not None}
+
+
+class InfillRequest(LlamaSampling):
+    input_prefix: StrictStr
+    input_suffix: StrictStr
+    input_extra: ExtraFiles = Field(default_factory=list)
+    prompt: StrictStr = Field("", description="Text after input_prefix: the cursor's line so far")
     n_indent: Indent = 0
     t_max_predict_ms: Milliseconds = Field(
         0, description="After this long (from the first token), end at the next newline"
     )
-    response_fields: Annotated[list[StrictStr], Field(max_length=MAX_RESPONSE_FIELDS)] | None = None
 
     def to_input(self) -> GenerationInput:
         fim = FimInput(
@@ -96,9 +120,6 @@ class InfillRequest(WireModel):
             max_tokens=None if self.n_predict < 0 else self.n_predict,
             early_stop=early if early != EarlyStop() else None,
         )
-
-    def sampling_sent(self) -> dict[str, Any]:
-        return sampling_sent(self)
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -159,42 +180,19 @@ MAX_PROMPTS = 16  # prompts in one /completion request (each is its own sequence
 MAX_PROBS = 20
 
 
-class LlamaCompletionRequest(WireModel):
+class LlamaCompletionRequest(LlamaSampling):
     """``POST /completion``. ``prompt`` is text, token ids, text and ids mixed in one sequence,
     ``{"prompt_string": ...}``, or a list of those (then the answer is a list, one per prompt).
     Accepted and not acted on: ``cache_prompt`` (the prefix cache is always on), ``id_slot``,
     ``post_sampling_probs`` (probabilities are those before sampling, as ``n_probs`` gives)."""
 
-    model: NonEmptyStr = "default"
     prompt: StrictStr | list[Any] | dict[str, Any]
-    n_predict: Annotated[
-        StrictInteger,
-        Field(
-            ge=-1,
-            le=2**31 - 1,
-            validation_alias=AliasChoices("n_predict", "max_tokens"),
-            description="-1: until the server's cap; 0: only read the prompt into the cache",
-        ),
-    ] = -1
-    temperature: Annotated[StrictFloat, Field(ge=0)] | None = None
-    top_k: TopK | None = None
-    top_p: Probability | None = None
-    min_p: Probability | None = None
-    repeat_penalty: RepetitionPenalty | None = None
-    repeat_last_n: Annotated[StrictInteger, Field(ge=0, le=2**31 - 1)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    seed: Seed | None = None
-    stop: StopList = Field(default_factory=list)
-    stream: StrictBool = False
-    samplers: Samplers | None = None
     grammar: StrictStr | None = Field(None, description="A GBNF grammar, root rule `root`")
     json_schema: dict[str, Any] | None = Field(None, description="Constrain to this JSON schema")
     n_probs: Annotated[StrictInteger, Field(ge=0, le=MAX_PROBS)] = 0
     post_sampling_probs: StrictBool = False
     return_tokens: StrictBool = False
     cache_prompt: StrictBool = True
-    response_fields: Annotated[list[StrictStr], Field(max_length=MAX_RESPONSE_FIELDS)] | None = None
 
     def prompts(self) -> list[list[str | int]]:
         """Each prompt as its pieces: texts and token ids, in order."""
@@ -208,7 +206,7 @@ class LlamaCompletionRequest(WireModel):
         return [_pieces(item) for item in prompt]
 
     def to_input(self, prompt: str | list[int]) -> GenerationInput:
-        sampling = sampling_sent(self)
+        sampling = self.sampling_sent()
         if self.grammar is not None and self.grammar.strip():
             sampling["grammar"] = self.grammar
         schema = self.json_schema
@@ -253,38 +251,6 @@ def _pieces(item: Any) -> list[str | int]:
     raise InvalidRequest(
         "a prompt is a string, token ids (mixed with strings) or {prompt_string}", param="prompt"
     )
-
-
-class SamplingFields(Protocol):
-    temperature: float | None
-    top_k: int | None
-    top_p: float | None
-    min_p: float | None
-    repeat_penalty: float | None
-    repeat_last_n: int | None
-    presence_penalty: float | None
-    frequency_penalty: float | None
-    seed: int | None
-    samplers: list[str] | str | None
-
-
-def sampling_sent(body: SamplingFields) -> dict[str, Any]:
-    """The sampling fields the client set, in engine terms (llama.cpp's names differ)."""
-    sent: dict[str, Any] = {
-        "temperature": body.temperature,
-        "top_k": body.top_k,
-        "top_p": body.top_p,
-        "min_p": body.min_p,
-        "repetition_penalty": body.repeat_penalty,
-        "penalty_last_n": body.repeat_last_n,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-    }
-    if body.seed is not None and body.seed not in RANDOM_SEEDS:
-        sent["seed"] = body.seed
-    if body.samplers is not None:
-        sent["chain"] = sampler_chain(body.samplers)
-    return {name: value for name, value in sent.items() if value is not None}
 
 
 class LlamaTokenProb(ResponseModel):
