@@ -83,9 +83,23 @@ class Settings(BaseSettings):
         256, ge=8, le=1 << 16, description="Max prompt tokens of one request per step"
     )
     swa_full: bool = Field(
-        True, description="Keep full KV for sliding-window models so prefixes can be reused"
+        False,
+        description="Keep full KV for sliding-window layers (more memory; prefixes are reused "
+        "without it too, from the window and checkpoints)",
     )
     prefix_cache: bool = Field(True, description="Reuse KV of a slot's previous prompt")
+    cache_ram: int = Field(
+        2048,
+        ge=0,
+        description="MiB of host memory per model for the KV of conversations evicted from "
+        "their slot, restored when they come back (0: off)",
+    )
+    speculative: bool = Field(
+        True,
+        description="Speculative decoding from n-grams of the sequence itself (no draft model); "
+        "a request's 'speculative' overrides it",
+    )
+    draft_max: int = Field(16, ge=2, le=256, description="Most draft tokens verified per step")
 
     # --- requests ----------------------------------------------------------------------------
     default_max_tokens: int = Field(100, ge=1)

@@ -57,6 +57,37 @@ ENGINE_COUNTERS = (
         "Prompt tokens whose KV cache was reused instead of decoded",
     ),
     ("rejected_busy", "shimmy_engine_rejected_busy", "Requests refused because the queue was full"),
+    (
+        "prompt_cache_saves",
+        "shimmy_prompt_cache_saves",
+        "Evicted sequences whose KV was saved to host memory",
+    ),
+    (
+        "prompt_cache_restores",
+        "shimmy_prompt_cache_restores",
+        "Requests that resumed a sequence from host memory",
+    ),
+    (
+        "prompt_cache_tokens_restored",
+        "shimmy_prompt_cache_tokens_restored",
+        "Prompt tokens reused from sequences restored from host memory",
+    ),
+    ("draft_tokens", "shimmy_speculative_draft_tokens", "Draft tokens verified (n-gram lookup)"),
+    (
+        "draft_tokens_accepted",
+        "shimmy_speculative_draft_tokens_accepted",
+        "Draft tokens the model confirmed",
+    ),
+)
+# Engine values exposed as Prometheus gauges: (engine key, metric name, help).
+ENGINE_GAUGES = (
+    ("prompt_cache_entries", "shimmy_prompt_cache_entries", "Sequences saved in host memory"),
+    ("prompt_cache_bytes", "shimmy_prompt_cache_bytes", "Host memory the saved sequences use"),
+    (
+        "prompt_cache_limit_bytes",
+        "shimmy_prompt_cache_limit_bytes",
+        "Host memory the saved sequences may use (cache_ram)",
+    ),
 )
 FINISH_OUTCOMES = ("stop", "length", "cancelled", "timed_out")
 
@@ -105,6 +136,7 @@ class EngineCollector(Collector):
             key: CounterMetricFamily(name, documentation, labels=["model"])
             for key, name, documentation in ENGINE_COUNTERS
         }
+        gauges = {key: gauge(name, documentation) for key, name, documentation in ENGINE_GAUGES}
         finished = CounterMetricFamily(
             "shimmy_engine_requests_finished",
             "Generations ended, by how they ended",
@@ -120,9 +152,12 @@ class EngineCollector(Collector):
             queued.add_metric(model, stats.get("queued", 0))
             for key, family in counters.items():
                 family.add_metric(model, stats.get(key, 0))
+            for key, gauge_family in gauges.items():
+                gauge_family.add_metric(model, stats.get(key, 0))
             for outcome in FINISH_OUTCOMES:
                 finished.add_metric([*model, outcome], stats.get(f"requests_{outcome}", 0))
-        yield from (load_seconds, memory, slots, busy, queued, *counters.values(), finished)
+        yield from (load_seconds, memory, slots, busy, queued, *counters.values())
+        yield from (*gauges.values(), finished)
 
 
 class Metrics:

@@ -87,6 +87,15 @@ _COMMON_OPTIONS: dict[str, inspect.Parameter] = {
                           help="Max tokens per llama_decode call"),
     "no_prefix_cache": option(bool, "--no-prefix-cache", default=False, panel=_ENGINE,
                                help="Do not reuse the KV cache of a slot's previous prompt"),
+    "cache_ram": option(int | None, "--cache-ram", metavar="MIB", panel=_ENGINE,
+                         help="Host memory (MiB) per model for evicted conversations' KV "
+                              "(0: off)"),
+    "no_speculative": option(bool, "--no-speculative", default=False, panel=_ENGINE,
+                              help="Do not draft tokens from the text's own n-grams"),
+    "draft_max": option(int | None, "--draft-max", metavar="N", panel=_ENGINE,
+                         help="Most draft tokens verified per step"),
+    "swa_full": option(bool, "--swa-full", default=False, panel=_ENGINE,
+                        help="Keep full KV for sliding-window layers (more memory)"),
     "api_key": option(list[str] | None, "--api-key", metavar="KEY", panel=_OTHER,
                        help="Accepted API key (repeatable)"),
     "log_format": option(LogFormat | None, "--log-format", panel=_OTHER,
@@ -110,6 +119,8 @@ _FLAG_FIELDS = {
     "parallel": "parallel",
     "max_queue": "max_queue",
     "batch_size": "batch_size",
+    "cache_ram": "cache_ram",
+    "draft_max": "draft_max",
     "api_key": "api_keys",
     "log_format": "log_format",
 }
@@ -118,7 +129,10 @@ _OFF_SWITCHES = {
     "no_user_caches": "scan_user_caches",
     "no_starter": "starter_model",
     "no_prefix_cache": "prefix_cache",
+    "no_speculative": "speculative",
 }
+# "--x" switches -> the Settings field they turn on
+_ON_SWITCHES = {"swa_full": "swa_full"}
 
 
 @dataclass
@@ -139,6 +153,9 @@ def _common_from_flags(ctx: typer.Context | None, flags: dict[str, Any]) -> Comm
     for flag, settings_field in _OFF_SWITCHES.items():
         if flags[flag]:
             values[settings_field] = False
+    for flag, settings_field in _ON_SWITCHES.items():
+        if flags[flag]:
+            values[settings_field] = True
     state = ctx.find_object(CliState) if ctx is not None else None
     verbose = bool(flags["verbose"]) or (state is not None and state.verbose)
     if state is not None:

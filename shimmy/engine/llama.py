@@ -24,6 +24,8 @@ from shimmy.errors import GenerationFailed, InvalidRequest, ModelUnusable, Serve
 log = logging.getLogger(__name__)
 
 _POOLING_MEAN = 1
+# LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: copy only the sliding-window layers' cache.
+_STATE_WINDOW_ONLY = 1
 
 
 _LLAMA_LOG = logging.getLogger("llama.cpp")
@@ -106,6 +108,13 @@ class LlamaModel:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.size_bytes = int(llama_cpp.llama_model_size(ptr))
         self.n_params = int(llama_cpp.llama_model_n_params(ptr))
+        # Sliding-window attention: 0 for models without it.
+        self.n_swa = int(llama_cpp.llama_model_n_swa(ptr))
+        # Recurrent state (Mamba, RWKV, hybrids) cannot be cut back to an earlier position,
+        # which draft verification and prefix reuse past a fork rely on.
+        self.rewindable = not (
+            llama_cpp.llama_model_is_recurrent(ptr) or llama_cpp.llama_model_is_hybrid(ptr)
+        )
 
     def close(self) -> None:
         if self.ptr:
@@ -224,6 +233,33 @@ class LlamaContext:
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
+
+    def first_position(self, seq_id: int) -> int:
+        """The oldest position whose KV a sequence still holds (-1: none). With a sliding
+        window below the full context, positions older than the window get overwritten."""
+        return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
+
+    def save_sequence(
+        self, seq_id: int, *, window_only: bool = False
+    ) -> ctypes.Array[ctypes.c_uint8]:
+        """A copy of a sequence's KV in host memory. ``window_only``: only the sliding-window
+        layers' part, which cannot be cut back to an earlier position (a checkpoint)."""
+        flags = _STATE_WINDOW_ONLY if window_only else 0
+        size = int(llama_cpp.llama_state_seq_get_size_ext(self.ptr, seq_id, flags))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data_ext(self.ptr, buf, size, seq_id, flags))
+        if written != size:
+            raise GenerationFailed("llama.cpp could not copy a sequence's state")
+        return buf
+
+    def restore_sequence(
+        self, seq_id: int, state: ctypes.Array[ctypes.c_uint8], *, window_only: bool = False
+    ) -> bool:
+        """Load a copy made by ``save_sequence`` into ``seq_id`` (replacing what it held, or
+        with ``window_only`` its sliding-window part); False if it did not fit."""
+        flags = _STATE_WINDOW_ONLY if window_only else 0
+        read = llama_cpp.llama_state_seq_set_data_ext(self.ptr, state, len(state), seq_id, flags)
+        return int(read) > 0
 
     def logits(self, index: int, n_vocab: int) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)

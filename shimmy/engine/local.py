@@ -177,6 +177,7 @@ class LocalEngine:
             "threads": self.threads,
             "n_gpu_layers": self.n_gpu_layers,
             "memory_bytes": self.memory_bytes,
+            **self._scheduler.prompt_cache_stats(),
             **dict(self._scheduler.counters),
         }
 

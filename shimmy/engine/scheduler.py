@@ -24,8 +24,10 @@ from typing import Any, TypeVar
 
 from shimmy.engine.llama import Batch, LlamaContext, LlamaModel, Sampler
 from shimmy.engine.logprobs import prompt_token_score, token_logprob
+from shimmy.engine.ngram import NgramDrafter
+from shimmy.engine.promptcache import MIN_SAVED_TOKENS, HostPromptCache, SavedSequence
 from shimmy.engine.protocol import EngineHooks
-from shimmy.engine.slots import Job, Slot, pick_slot
+from shimmy.engine.slots import Job, Slot, common_prefix
 from shimmy.engine.stream import GenerationStream, WorkerCall
 from shimmy.engine.types import (
     Finished,
@@ -49,6 +51,10 @@ from shimmy.settings import Settings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Loading a saved sequence costs a copy; for a few tokens more than a slot offers, decoding
+# them is cheaper.
+RESTORE_MIN_GAIN = 16
 
 
 class Scheduler:
@@ -75,6 +81,10 @@ class Scheduler:
         self._teardown = teardown
         self._batch = Batch(ctx.n_batch)
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
+        self._saved = HostPromptCache(settings.cache_ram * 1024 * 1024)
+        # A sliding window shorter than the context drops old positions' KV in those layers,
+        # unless swa_full keeps it all.
+        self._window = 0 if settings.swa_full or model.n_swa >= n_ctx else model.n_swa
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[WorkerCall[Any]] = collections.deque()
         self._cv = threading.Condition()
@@ -123,6 +133,13 @@ class Scheduler:
             self._calls.append(call)
             self._cv.notify()
         return await call.future
+
+    def prompt_cache_stats(self) -> dict[str, int]:
+        return {
+            "prompt_cache_entries": len(self._saved),
+            "prompt_cache_bytes": self._saved.bytes,
+            "prompt_cache_limit_bytes": self._saved.limit_bytes,
+        }
 
     def load(self) -> tuple[int, int]:
         """(busy slots, queued requests)."""
@@ -217,7 +234,7 @@ class Scheduler:
         # Scoring the prompt needs the logits of every prompt position: nothing is reused.
         scoring = job.request.prompt_logprobs is not None
         prefix_cache = self.settings.prefix_cache and not scoring
-        slot, reused = pick_slot(free, prompt, self.ctx, prefix_cache=prefix_cache)
+        slot, reused = self._place(prompt, free, prefix_cache=prefix_cache)
         sampler = Sampler(self.model, job.request.sampling)
         slot.start(job, prompt, sampler, max_new=max_new, reused=reused)
         if scoring:
@@ -226,6 +243,80 @@ class Scheduler:
         if reused:
             self.counters["prefix_hits"] += 1
             self.counters["prefix_tokens_reused"] += reused
+
+    def _place(
+        self, prompt: list[int], free: list[Slot], *, prefix_cache: bool
+    ) -> tuple[Slot, int]:
+        """Choose a free slot for ``prompt`` and cut its cache to the prefix it can reuse;
+        returns the slot and that prefix's length.
+
+        The slot whose cache shares the longest usable prefix wins, unless a sequence saved
+        in host memory shares a longer one: that copy is then loaded into the least recently
+        used free slot. Without any match the least recently used slot is taken, so recent
+        conversations stay longest. A cache about to be overwritten is saved first.
+        """
+        # At least the last prompt token is decoded again, for the logits to sample from.
+        limit = len(prompt) - 1
+        target: Slot | None = None
+        keep = 0
+        if prefix_cache:
+            for slot in free:
+                if not slot.cached:
+                    continue
+                usable = self._usable_prefix(
+                    min(common_prefix(slot.cached, prompt), limit),
+                    self.ctx.first_position(slot.seq_id),
+                )
+                if usable > keep:
+                    target, keep = slot, usable
+        restore: SavedSequence | None = None
+        if prefix_cache and self._saved.enabled:
+            entry, common = self._saved.best(prompt)
+            if entry is not None:
+                usable = self._usable_prefix(min(common, limit), entry.first_position)
+                if usable > keep + RESTORE_MIN_GAIN:
+                    restore, keep, target = entry, usable, None
+        if target is None:
+            target = min(free, key=lambda s: s.last_used)
+        self._save_before_overwrite(target, keep=0 if restore is not None else keep)
+        if restore is not None:
+            self._saved.take(restore)
+            if self.ctx.restore_sequence(target.seq_id, restore.state):
+                target.cached = list(restore.tokens)
+                self.counters["prompt_cache_restores"] += 1
+                self.counters["prompt_cache_tokens_restored"] += keep
+            else:  # pragma: no cover - the slot's stream is empty, so the copy fits
+                log.warning("a saved prompt could not be restored; decoding it again")
+                self.ctx.forget(target.seq_id, 0)
+                target.cached.clear()
+                keep = 0
+        return target, target.keep_prefix(self.ctx, keep)
+
+    def _usable_prefix(self, common: int, first_position: int) -> int:
+        """How much of a shared prefix can be reused from a cache whose oldest position is
+        ``first_position``: a sliding window needs the KV of the window before the cut."""
+        if common <= 0:
+            return 0
+        if self._window > 0 and first_position > max(0, common - self._window):
+            return 0
+        return common
+
+    def _save_before_overwrite(self, slot: Slot, *, keep: int) -> None:
+        """Copy the slot's sequence to host memory when the request it is about to serve
+        throws most of it away."""
+        lost = len(slot.cached) - keep
+        if lost < max(MIN_SAVED_TOKENS, len(slot.cached) // 2):
+            return
+        if not self._saved.worth_saving(slot.cached):
+            return
+        try:
+            state = self.ctx.save_sequence(slot.seq_id)
+        except ShimmyError as exc:  # pragma: no cover - llama.cpp refused to copy
+            log.warning("could not save a prompt to the host cache: %s", exc)
+            return
+        saved = SavedSequence(list(slot.cached), state, self.ctx.first_position(slot.seq_id))
+        if self._saved.put(saved):
+            self.counters["prompt_cache_saves"] += 1
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if isinstance(request.prompt, str):
@@ -256,9 +347,15 @@ class Scheduler:
         for slot in active:
             slot.batch_index = -1
             if slot.next_token is not None:
-                slot.batch_index = batch.add(slot.next_token, len(slot.cached), slot.seq_id, True)
+                pos = len(slot.cached)
+                slot.batch_index = batch.add(slot.next_token, pos, slot.seq_id, True)
                 slot.cached.append(slot.next_token)
                 slot.next_token = None
+                # The draft's tokens follow at consecutive batch indexes, each with logits:
+                # the logits after draft token i tell whether token i + 1 is right.
+                del slot.draft[batch.room :]
+                for offset, token in enumerate(slot.draft, start=1):
+                    batch.add(token, pos + offset, slot.seq_id, True)
         # Prompts fill the rest of the batch in admission order, each at most one chunk.
         for slot in sorted((s for s in active if s.prefilling), key=lambda s: s.admitted_at):
             take = min(len(slot.prompt) - len(slot.cached), batch.room, self.settings.prefill_chunk)
@@ -308,15 +405,49 @@ class Scheduler:
             )
 
     def _sample(self, slot: Slot) -> None:
-        assert slot.sampler is not None and slot.assembler is not None and slot.job is not None
+        assert slot.sampler is not None and slot.job is not None
         if slot.max_new <= 0:
             # max_tokens 0: only the prompt was wanted (scored for echo, or read into the cache).
             self._finish(slot, "length")
             return
-        token = slot.sampler.sample(self.ctx, slot.batch_index)
-        if self.model.is_eog(token):
-            self._finish(slot, "stop", cause="eog")
+        draft, slot.draft = slot.draft, []
+        index = slot.batch_index
+        ended: tuple[FinishReason, StopCause | None] | None = None
+        accepted = 0
+        while True:
+            token = slot.sampler.sample(self.ctx, index)
+            ended = self._take(slot, token, index)
+            if ended is not None:
+                break
+            if accepted < len(draft) and token == draft[accepted]:
+                # The model chose the drafted token: the KV decoded for it is right, and the
+                # logits after it give the next token without another step.
+                slot.cached.append(token)
+                accepted += 1
+                index = slot.batch_index + accepted
+                continue
+            slot.next_token = token
+            break
+        if draft:
+            self.counters["draft_tokens"] += len(draft)
+            self.counters["draft_tokens_accepted"] += accepted
+            if accepted < len(draft):
+                # The rejected tokens' KV: what follows the accepted ones must be decoded again.
+                self.ctx.forget(slot.seq_id, len(slot.cached))
+            if slot.drafter is not None:
+                slot.drafter.feedback(len(draft), accepted)
+        if ended is not None:
+            self._finish(slot, ended[0], cause=ended[1])
             return
+        self._propose_draft(slot)
+
+    def _take(
+        self, slot: Slot, token: int, index: int
+    ) -> tuple[FinishReason, StopCause | None] | None:
+        """Pass one sampled token on; how the generation ends, if it does with this token."""
+        assert slot.assembler is not None and slot.job is not None
+        if self.model.is_eog(token):
+            return "stop", "eog"
         self._check_time_budget(slot)
         slot.count_token()
         self.counters["tokens_generated"] += 1
@@ -324,7 +455,7 @@ class Scheduler:
         logprobs = None
         top_n = slot.job.request.logprobs
         if top_n is not None:
-            logits = self.ctx.logits(slot.batch_index, self.model.n_vocab)
+            logits = self.ctx.logits(index, self.model.n_vocab)
             logprobs = [token_logprob(logits, token, piece, top_n, self._token_bytes)]
         text = slot.assembler.feed(piece)
         slot.unsent.append(token)
@@ -333,11 +464,32 @@ class Scheduler:
             slot.unsent = []
         if slot.assembler.stopped:
             cause = slot.assembler.cause
-            self._finish(slot, "length" if cause == "time_budget" else "stop", cause=cause)
-        elif slot.generated >= slot.max_new:
-            self._finish(slot, "length")
-        else:
-            slot.next_token = token
+            return ("length" if cause == "time_budget" else "stop"), cause
+        if slot.generated >= slot.max_new:
+            return "length", None
+        return None
+
+    def _propose_draft(self, slot: Slot) -> None:
+        """Guess what follows the slot's next token, for the next step to verify."""
+        assert slot.job is not None and slot.next_token is not None
+        if not self._speculates(slot.job.request):
+            return
+        if slot.drafter is None:
+            slot.drafter = NgramDrafter(max_draft=self.settings.draft_max)
+        # The drafter has seen everything up to the previous next token; since then the
+        # accepted draft tokens and this next token came.
+        slot.drafter.extend(slot.cached[slot.drafter.size :])
+        slot.drafter.extend([slot.next_token])
+        # Never past max_tokens or the context: the next token itself takes one place.
+        room = min(slot.max_new - slot.generated - 1, self.n_ctx - len(slot.cached) - 2)
+        if room > 0:
+            slot.draft = slot.drafter.draft(room)
+
+    def _speculates(self, request: GenerationRequest) -> bool:
+        wanted = request.speculative
+        if wanted is None:
+            wanted = self.settings.speculative
+        return wanted and self.model.rewindable
 
     def _token_bytes(self, token: int) -> bytes:
         return self.model.token_bytes(token, self._piece_buf)

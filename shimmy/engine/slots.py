@@ -2,7 +2,9 @@
 
 A slot keeps the tokens of its last request in the KV cache after the request ends. A new
 request goes to the free slot whose cached tokens share the longest prefix with its prompt, so
-only the differing tail is decoded (the next turn of a chat, a shared system prompt).
+only the differing tail is decoded (the next turn of a chat, a shared system prompt); the
+scheduler chooses (``Scheduler._place``), also among sequences saved in host memory
+(promptcache.py).
 
 Only the worker thread touches slots, except that the event loop counts busy ones under the
 scheduler's lock.
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from shimmy.engine.llama import LlamaContext, Sampler
+from shimmy.engine.ngram import NgramDrafter
 from shimmy.engine.stream import GenerationStream
 from shimmy.engine.textstream import TextAssembler
 from shimmy.engine.types import GenerationRequest, PromptToken, TextDelta, Usage
@@ -48,6 +51,10 @@ class Slot:
     scored_chunk: tuple[int, int, int] | None = None
     # Sampled tokens whose text is still held back (a partial character, a possible stop).
     unsent: list[int] = field(default_factory=list)
+    # Speculative decoding: the drafter (None: this request does not draft) and the tokens
+    # guessed to follow ``next_token``, decoded with it in the next step.
+    drafter: NgramDrafter | None = None
+    draft: list[int] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -74,6 +81,8 @@ class Slot:
         self.last_used = time.monotonic()
         self.scores = None
         self.scored_chunk = None
+        self.drafter = None
+        self.draft = []
 
     def count_token(self) -> None:
         self.generated += 1
@@ -114,6 +123,8 @@ class Slot:
         self.batch_index = -1
         self.scores = None
         self.scored_chunk = None
+        self.drafter = None
+        self.draft = []
         self.last_used = time.monotonic()
         if drop_cache:
             ctx.forget(self.seq_id, 0)
@@ -136,21 +147,3 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def pick_slot(
-    free: list[Slot], prompt: list[int], ctx: LlamaContext, *, prefix_cache: bool
-) -> tuple[Slot, int]:
-    """Choose the free slot that already holds the longest prefix of ``prompt``; cut its
-    cache to that prefix. Without a useful match take the least recently used slot, so
-    the caches of recent conversations survive longest."""
-    best, best_len = None, 0
-    if prefix_cache:
-        for slot in free:
-            common = common_prefix(slot.cached, prompt)
-            if common > best_len:
-                best, best_len = slot, common
-    if best is None:
-        best = min(free, key=lambda s: s.last_used)
-    # At least the last prompt token must be decoded again to get logits for sampling.
-    return best, best.keep_prefix(ctx, min(best_len, len(prompt) - 1))

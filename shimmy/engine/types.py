@@ -69,6 +69,8 @@ class GenerationRequest:
     # ``echo`` with ``logprobs``). None = off. The prompt is then decoded whole, never reused.
     prompt_logprobs: int | None = None
     early_stop: EarlyStop | None = None
+    # Speculative decoding from the sequence's own n-grams; None = the server's setting.
+    speculative: bool | None = None
 
 
 @dataclass

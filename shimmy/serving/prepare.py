@@ -64,6 +64,7 @@ class GenerationInput:
     response_format: ResponseFormat | None = None
     fim: FimInput | None = None  # fill in the middle (serving/fim.py), instead of a prompt
     early_stop: EarlyStop | None = None
+    speculative: bool | None = None
     # False: the rendered conversation ends after its last message, without the opening of the
     # assistant's turn (llama.cpp's /apply-template shows either).
     add_generation_prompt: bool = True
@@ -153,6 +154,7 @@ async def prepare(
         logprobs=given.logprobs,
         prompt_logprobs=given.prompt_logprobs,
         early_stop=given.early_stop,
+        speculative=given.speculative,
     )
     default_param = "messages" if given.messages is not None else "prompt"
     return Prepared(request, tools, prompt_param or default_param, grammar_param, truncated)

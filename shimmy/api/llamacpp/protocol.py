@@ -74,6 +74,14 @@ class LlamaSampling(WireModel):
         None, description='Sampler names in order (["top_k", "top_p", "infill"]) or letters'
     )
     response_fields: Annotated[list[StrictStr], Field(max_length=MAX_RESPONSE_FIELDS)] | None = None
+    speculative_n_max: Annotated[StrictInteger, Field(ge=0, le=1024)] | None = Field(
+        None,
+        validation_alias=AliasChoices("speculative.n_max", "speculative_n_max"),
+        description="Most draft tokens per step; 0 turns speculative decoding off",
+    )
+
+    def speculative(self) -> bool | None:
+        return None if self.speculative_n_max is None else self.speculative_n_max > 0
 
     def sampling_sent(self) -> dict[str, Any]:
         """The sampling fields the client set, in engine terms (llama.cpp's names differ)."""
@@ -119,6 +127,7 @@ class InfillRequest(LlamaSampling):
             stop=list(self.stop),
             max_tokens=None if self.n_predict < 0 else self.n_predict,
             early_stop=early if early != EarlyStop() else None,
+            speculative=self.speculative(),
         )
 
 
@@ -217,6 +226,7 @@ class LlamaCompletionRequest(LlamaSampling):
             max_tokens=None if self.n_predict < 0 else self.n_predict,
             logprobs=self.n_probs or None,
             response_format=ResponseFormat("json_schema", schema) if schema is not None else None,
+            speculative=self.speculative(),
         )
 
 

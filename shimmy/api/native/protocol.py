@@ -69,6 +69,9 @@ class GenerateRequest(WireModel):
     max_lines: LineCount | None = None
     min_indent: Indent | None = None
     time_budget_ms: Milliseconds | None = None
+    speculative: StrictBool | None = Field(
+        None, description="Speculative decoding from the text's own n-grams (default: server's)"
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
@@ -118,6 +121,7 @@ class GenerateRequest(WireModel):
             sampling={name: getattr(self, name) for name in _SAMPLING_FIELDS if name in sent},
             stop=list(self.stop),
             max_tokens=self.max_tokens if "max_tokens" in sent else None,
+            speculative=self.speculative,
         )
 
 
@@ -248,6 +252,12 @@ class SlotSummary(ResponseModel):
     queued: int
 
 
+class PromptCacheSummary(ResponseModel):
+    entries: int = Field(description="Sequences saved in host memory after leaving their slot")
+    bytes: int
+    limit_bytes: int = Field(description="cache_ram, over every loaded model")
+
+
 class Health(ResponseModel):
     status: Literal["healthy"]
     models_loaded: int
@@ -256,3 +266,6 @@ class Health(ResponseModel):
     uptime_seconds: float
     requests_total: int
     slots: SlotSummary = Field(description="Generation slots over every loaded model")
+    prompt_cache: PromptCacheSummary = Field(
+        description="The host-memory prompt caches of every loaded model"
+    )

@@ -157,6 +157,16 @@ def format_bytes(size: int) -> str:
     return f"{size / (1 << 20):.1f}MB"
 
 
+def prompt_cache_summary(registry: ModelRegistry) -> dict[str, int]:
+    """The host-memory prompt caches of every loaded model, together."""
+    summary = {"entries": 0, "bytes": 0, "limit_bytes": 0}
+    for engine in registry.loaded_engines():
+        stats: dict[str, Any] = engine.stats()
+        for key in summary:
+            summary[key] += int(stats.get(f"prompt_cache_{key}", 0))
+    return summary
+
+
 def slot_summary(registry: ModelRegistry) -> dict[str, int]:
     """Busy/total/queued generation slots over every loaded model."""
     summary = {"busy": 0, "total": 0, "queued": 0}
@@ -180,6 +190,7 @@ async def health(request: Request) -> Response:
             "uptime_seconds": round(time.monotonic() - state.started_at, 1),
             "requests_total": state.request_count,
             "slots": slot_summary(registry),
+            "prompt_cache": prompt_cache_summary(registry),
         }
     )
 

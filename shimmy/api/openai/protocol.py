@@ -131,6 +131,8 @@ class _SamplingFields(_Lenient):
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
+    # shimmy's extension: speculative decoding from the text's own n-grams, on or off.
+    speculative: StrictBool | None = None
 
     def sampling_sent(self) -> dict[str, Any]:
         """The sampling fields the client set; the rest take the model's and OpenAI's defaults."""
@@ -194,6 +196,7 @@ class ChatCompletionRequest(_SamplingFields):
             tool_choice=self.tool_choice_input(),
             wire_tools=[t.model_dump(exclude_none=True) for t in self.tools or []],
             response_format=self.response_format_input(),
+            speculative=self.speculative,
         )
 
     def tool_choice_input(self) -> ToolChoiceInput | None:
@@ -285,6 +288,7 @@ class CompletionRequest(_SamplingFields):
             max_tokens=self.max_tokens,
             logprobs=self.generation_logprobs(),
             prompt_logprobs=self.logprobs if self.echo else None,
+            speculative=self.speculative,
         )
 
     def generation_logprobs(self) -> int | None:

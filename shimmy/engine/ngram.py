@@ -1,0 +1,73 @@
+"""Prompt-lookup drafts for speculative decoding, without a draft model.
+
+Text that repeats what came before (code being edited or quoted, a document rewritten, a
+list continued) can be predicted from the sequence itself: when its last few tokens occurred
+earlier, the tokens that followed them then are a likely continuation now. The scheduler
+decodes such a draft in the same step as the sequence's next token and keeps the drafted
+tokens the model itself samples, so a good draft yields several tokens per step and output is
+exactly what decoding one token at a time gives.
+
+A draft that misses costs the decoding of its tokens, so the length adapts: it doubles while
+drafts are taken whole, shrinks to what was accepted otherwise, and after misses the sequence
+stops drafting for a while, growing the pause with each miss in a row. Text that does not
+repeat itself then almost never drafts.
+"""
+
+from __future__ import annotations
+
+KEY_TOKENS = 3  # how many trailing tokens must match an earlier occurrence
+MIN_DRAFT = 2
+FIRST_DRAFT = 4
+MAX_PAUSE_STEPS = 64
+
+
+class NgramDrafter:
+    """Finds drafts in one sequence's own tokens (its prompt and what it generated)."""
+
+    def __init__(self, *, max_draft: int) -> None:
+        self.max_draft = max(MIN_DRAFT, max_draft)
+        self.limit = min(FIRST_DRAFT, self.max_draft)
+        self._history: list[int] = []
+        # n-gram -> index of the token that followed its latest occurrence
+        self._follower: dict[tuple[int, ...], int] = {}
+        self._misses = 0
+        self._pause = 0
+
+    @property
+    def size(self) -> int:
+        return len(self._history)
+
+    def extend(self, tokens: list[int]) -> None:
+        history, follower = self._history, self._follower
+        for token in tokens:
+            if len(history) >= KEY_TOKENS:
+                follower[tuple(history[-KEY_TOKENS:])] = len(history)
+            history.append(token)
+
+    def draft(self, room: int) -> list[int]:
+        """Tokens that may follow the history, at most ``room`` of them (none: no guess)."""
+        if self._pause > 0:
+            self._pause -= 1
+            return []
+        history = self._history
+        if len(history) <= KEY_TOKENS:
+            return []
+        start = self._follower.get(tuple(history[-KEY_TOKENS:]))
+        if start is None:
+            return []
+        return history[start : start + min(self.limit, room)]
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        """How the last draft fared; sets the next draft's length."""
+        if proposed == 0:
+            return
+        if accepted == proposed:
+            self._misses = 0
+            self.limit = min(self.max_draft, self.limit * 2)
+            return
+        self.limit = max(MIN_DRAFT, accepted + 1)
+        if accepted == 0:
+            self._misses += 1
+            self._pause = min(MAX_PAUSE_STEPS, 1 << (self._misses - 1)) - 1
+        else:
+            self._misses = 0
