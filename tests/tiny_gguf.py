@@ -102,13 +102,16 @@ def write_tiny_gguf(
     vocab: Vocabulary | None = None,
     metadata: Callable[[GGUFWriter], None] | None = None,
     kv_shaped_by_heads: bool = False,
+    sliding_window: int | None = None,
 ) -> Path:
     """The model; the hyperparameters can be set to values no model has, for tests of how
     such a file is refused or survived (the tensors keep their real shapes). ``fim``: None, or
     a kind of ``FIM_KINDS`` for a model that can fill in the middle. ``vocab`` replaces the
     byte-level vocabulary; ``metadata`` adds keys of its own. ``kv_shaped_by_heads``: the K
     and V projections have ``head_count_kv`` heads of ``N_EMBD // head_count``, as a real
-    grouped-query model's would, rather than the shape of the default model."""
+    grouped-query model's would, rather than the shape of the default model.
+    ``sliding_window``: a Gemma 3 model instead (its extra norms), every layer attending to
+    only that many previous positions."""
     rng = np.random.default_rng(seed)
     if vocab is None:
         tokens, types = vocabulary(fim)
@@ -117,8 +120,10 @@ def write_tiny_gguf(
     n_vocab = len(tokens)
     bos_id, eos_id = tokens.index(BOS), tokens.index(EOS)
 
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), "llama" if sliding_window is None else "gemma3")
     writer.add_name(name)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
     writer.add_context_length(context_length)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(block_count)
@@ -175,6 +180,15 @@ def write_tiny_gguf(
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(N_FF, N_EMBD))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(N_FF, N_EMBD))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(N_EMBD, N_FF))
+        if sliding_window is not None:
+            head = N_EMBD // head_count
+            for norm, size in (
+                ("post_attention_norm", N_EMBD),
+                ("post_ffw_norm", N_EMBD),
+                ("attn_q_norm", head),
+                ("attn_k_norm", head),
+            ):
+                writer.add_tensor(f"blk.{i}.{norm}.weight", np.ones(size, dtype=np.float32))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -250,10 +250,12 @@ class Scheduler:
         """Choose a free slot for ``prompt`` and cut its cache to the prefix it can reuse;
         returns the slot and that prefix's length.
 
-        The slot whose cache shares the longest usable prefix wins, unless a sequence saved
-        in host memory shares a longer one: that copy is then loaded into the least recently
-        used free slot. Without any match the least recently used slot is taken, so recent
-        conversations stay longest. A cache about to be overwritten is saved first.
+        The slot whose cache shares the longest usable prefix wins, if that is most of what
+        the slot holds (a shared system prompt alone must not cost another conversation its
+        cache), unless a sequence saved in host memory shares a longer one: that copy is then
+        loaded into the least recently used free slot. Otherwise the least recently used slot
+        is taken, so recent conversations stay longest. A cache about to be overwritten is
+        saved first.
         """
         # At least the last prompt token is decoded again, for the logits to sample from.
         limit = len(prompt) - 1
@@ -261,13 +263,8 @@ class Scheduler:
         keep = 0
         if prefix_cache:
             for slot in free:
-                if not slot.cached:
-                    continue
-                usable = self._usable_prefix(
-                    min(common_prefix(slot.cached, prompt), limit),
-                    self.ctx.first_position(slot.seq_id),
-                )
-                if usable > keep:
+                usable = self._slot_prefix(slot, prompt, limit)
+                if usable > keep and usable * 2 >= len(slot.cached):
                     target, keep = slot, usable
         restore: SavedSequence | None = None
         if prefix_cache and self._saved.enabled:
@@ -278,6 +275,8 @@ class Scheduler:
                     restore, keep, target = entry, usable, None
         if target is None:
             target = min(free, key=lambda s: s.last_used)
+            if restore is None and prefix_cache:
+                keep = self._slot_prefix(target, prompt, limit)
         self._save_before_overwrite(target, keep=0 if restore is not None else keep)
         if restore is not None:
             self._saved.take(restore)
@@ -291,6 +290,12 @@ class Scheduler:
                 target.cached.clear()
                 keep = 0
         return target, target.keep_prefix(self.ctx, keep)
+
+    def _slot_prefix(self, slot: Slot, prompt: list[int], limit: int) -> int:
+        if not slot.cached:
+            return 0
+        common = min(common_prefix(slot.cached, prompt), limit)
+        return self._usable_prefix(common, self.ctx.first_position(slot.seq_id))
 
     def _usable_prefix(self, common: int, first_position: int) -> int:
         """How much of a shared prefix can be reused from a cache whose oldest position is
