@@ -55,7 +55,12 @@ class NgramDrafter:
         start = self._follower.get(tuple(history[-KEY_TOKENS:]))
         if start is None:
             return []
-        return history[start : start + min(self.limit, room)]
+        draft: list[int] = []
+        for k in range(min(self.limit, room)):
+            # Past the history's end the draft continues from itself: a repeating pattern.
+            at = start + k
+            draft.append(history[at] if at < len(history) else draft[at - len(history)])
+        return draft
 
     def feedback(self, proposed: int, accepted: int) -> None:
         """How the last draft fared; sets the next draft's length."""
