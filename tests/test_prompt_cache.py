@@ -242,3 +242,46 @@ async def test_health_and_metrics_show_the_prompt_cache(client: httpx.Client) ->
     metrics = (await asyncio.to_thread(client.get, "/metrics")).text
     assert 'shimmy_prompt_cache_limit_bytes{model="tiny"}' in metrics
     assert "shimmy_prompt_cache_restores_total" in metrics
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["in-slot", "from-host-memory"])
+async def test_a_checkpoint_lets_a_regenerated_answer_reuse_its_prompt(
+    window_model_path: Path, evicted: bool
+) -> None:
+    # After a long answer the window layers hold only its end, so the prompt alone cannot be
+    # cut back to; the checkpoint taken before the prompt's last token can.
+    small = {"batch_size": 64, "prefill_chunk": 64}
+    engine = make_engine(window_model_path, **small)
+    try:
+        prompt = await engine.tokenize(conversation(1) * 2)
+        assert len(prompt) > 256
+        first, cached = await scored_long(engine, prompt)
+        assert cached == 0
+        assert engine.stats()["checkpoints_saved"] == 1
+        if evicted:
+            await generate(engine, conversation(2))
+            assert engine.stats()["prompt_cache_saves"] == 1
+        again, cached = await scored_long(engine, prompt)
+        assert cached == len(prompt) - 1
+        stats = engine.stats()
+        assert stats["checkpoint_restores"] == 1
+        assert stats.get("prompt_cache_restores", 0) == (1 if evicted else 0)
+        # The first answer also decoded the prompt's last token alone after the checkpoint:
+        # the same tokens; the logprobs move only by float rounding (the restored cells sit
+        # in another order), where decoding without the window's KV moves them by far more.
+        assert [token for token, _ in again] == [token for token, _ in first]
+        assert [lp for _, lp in again] == pytest.approx([lp for _, lp in first], abs=1e-3)
+    finally:
+        engine.close()
+
+
+async def scored_long(engine: LocalEngine, prompt: list[int]) -> tuple[list[Scored], int]:
+    request = GenerationRequest(prompt=prompt, max_tokens=300, sampling=GREEDY, logprobs=1)
+    tokens: list[Scored] = []
+    cached = -1
+    async for event in engine.submit(request):
+        if isinstance(event, Finished):
+            cached = event.usage.cached_tokens
+        for item in getattr(event, "logprobs", None) or []:
+            tokens.append((item.token, item.logprob))
+    return tokens, cached

@@ -17,7 +17,7 @@ import ctypes
 import time
 from dataclasses import dataclass, field
 
-from shimmy.engine.slots import common_prefix
+from shimmy.engine.slots import Checkpoint, common_prefix
 
 # Saving a short sequence is not worth its copy: its prompt decodes in one step anyway.
 MIN_SAVED_TOKENS = 64
@@ -30,11 +30,12 @@ class SavedSequence:
     # The oldest position the state holds KV for: above 0 when a sliding window dropped the
     # start, which limits how far back the copy can be cut.
     first_position: int
+    checkpoints: list[Checkpoint] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def size(self) -> int:
-        return len(self.state) + 8 * len(self.tokens)
+        return len(self.state) + sum(len(c.state) for c in self.checkpoints) + 8 * len(self.tokens)
 
 
 class HostPromptCache:
@@ -73,14 +74,14 @@ class HostPromptCache:
         self.bytes += saved.size
         return True
 
-    def best(self, prompt: list[int]) -> tuple[SavedSequence | None, int]:
-        """The copy sharing the longest prefix with ``prompt``, and that prefix's length."""
+    def best(self, prompt: list[int]) -> SavedSequence | None:
+        """The copy sharing the longest prefix with ``prompt``."""
         best, best_len = None, 0
         for entry in self._entries:
             common = common_prefix(entry.tokens, prompt)
             if common > best_len:
                 best, best_len = entry, common
-        return best, best_len
+        return best
 
     def take(self, entry: SavedSequence) -> SavedSequence:
         """Remove a copy that is being loaded into a slot: the slot holds it from now on, and

@@ -12,6 +12,7 @@ scheduler's lock.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,23 @@ class Job:
     stream: GenerationStream
     deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Checkpoint:
+    """The sliding-window layers' KV of a sequence when it held its first ``n_tokens``.
+
+    Those layers keep only the last window of positions, so their cache cannot be cut back
+    to an earlier position the way full-attention layers' can; loading a checkpoint restores
+    them as they were at ``n_tokens``, and the full layers are cut there.
+    """
+
+    n_tokens: int
+    state: ctypes.Array[ctypes.c_uint8]
+
+
+# Checkpoints kept per sequence: the newest ones, which the next request most likely needs.
+MAX_CHECKPOINTS = 2
 
 
 @dataclass
@@ -55,6 +73,9 @@ class Slot:
     # guessed to follow ``next_token``, decoded with it in the next step.
     drafter: NgramDrafter | None = None
     draft: list[int] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    # Where this request's prompt stops for a checkpoint before its last token (-1: none).
+    checkpoint_at: int = -1
 
     @property
     def prefilling(self) -> bool:
@@ -83,6 +104,7 @@ class Slot:
         self.scored_chunk = None
         self.drafter = None
         self.draft = []
+        self.checkpoint_at = -1
 
     def count_token(self) -> None:
         self.generated += 1
@@ -126,10 +148,18 @@ class Slot:
         self.drafter = None
         self.draft = []
         self.last_used = time.monotonic()
+        self.checkpoint_at = -1
         if drop_cache:
             ctx.forget(self.seq_id, 0)
             self.cached.clear()
+            self.checkpoints.clear()
         return job
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.checkpoints = [c for c in self.checkpoints if c.n_tokens != checkpoint.n_tokens]
+        self.checkpoints.append(checkpoint)
+        self.checkpoints.sort(key=lambda c: c.n_tokens)
+        del self.checkpoints[:-MAX_CHECKPOINTS]
 
     def keep_prefix(self, ctx: LlamaContext, keep: int) -> int:
         """Cut the cache to its first ``keep`` tokens; returns how many were kept (0 when the
@@ -138,6 +168,7 @@ class Slot:
             ctx.forget(self.seq_id, 0)
             keep = 0
         del self.cached[keep:]
+        self.checkpoints = [c for c in self.checkpoints if c.n_tokens <= keep]
         return keep
 
 
