@@ -36,7 +36,7 @@ CMAKE_SERVER := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
-.PHONY: install llama-cpp llama-server browser test test-fast lint format serve bench clean llamacpp-suite
+.PHONY: install llama-cpp llama-server browser test test-fast lint format serve bench bench-versus clean llamacpp-suite
 
 install: $(BIN)/python llama-cpp browser
 	$(BIN)/pip install -q -e '.[dev,bench,starter]'
@@ -98,6 +98,10 @@ llamacpp-suite:
 
 bench: llama-server
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/versus.py --llama-server $(LLAMA_SERVER)
+
+# Only the comparison with llama.cpp's server and llama-cpp-python's (bench/versus.py).
+bench-versus: llama-server
 	$(BIN)/python bench/versus.py --llama-server $(LLAMA_SERVER)
 
 llama-server: $(LLAMA_SERVER)

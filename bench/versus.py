@@ -623,6 +623,10 @@ def stop_tree(process: subprocess.Popen[bytes]) -> None:
             child.kill()
 
 
+# Servers started and not yet stopped, by process id.
+STARTED: dict[int, subprocess.Popen[bytes]] = {}
+
+
 @contextlib.contextmanager
 def server_process(
     argv: list[str], log_path: Path, base_url: str, timeout_s: float, cwd: Path
@@ -634,10 +638,20 @@ def server_process(
         process = subprocess.Popen(
             argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
         )
+        STARTED[process.pid] = process
         try:
             yield process, bench.wait_until_ready(process, base_url, timeout_s, log_path)
         finally:
             stop_tree(process)
+            STARTED.pop(process.pid, None)
+
+
+def stop_all_started() -> None:
+    """Stop every server still running: the last resort when SIGTERM or Ctrl-C ends the event
+    loop before the scenarios' own ``with`` blocks could stop theirs."""
+    for pid, process in list(STARTED.items()):
+        stop_tree(process)
+        STARTED.pop(pid, None)
 
 
 class Launcher:
@@ -1149,6 +1163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; all servers were stopped")
         return 130
+    finally:
+        stop_all_started()
     markdown = render_markdown(report)
     save(report, markdown, config.chart)
     print(markdown)
