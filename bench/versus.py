@@ -472,6 +472,7 @@ def draw_chart(report: VersusReport, path: Path) -> None:
     left.set(title="a. tokens/s by concurrent clients", xlabel="clients", ylabel="tokens/s")
     left.set_xscale("log", base=2)
     left.set_xticks(report.config.get("levels", []), labels=report.config.get("levels", []))
+    left.set_ylim(bottom=0)  # from zero, so the gaps between the lines are not exaggerated
     left.grid(alpha=0.3)
     if left.lines:
         left.legend()
@@ -727,9 +728,12 @@ async def complete(server: Server, prompt: str, max_tokens: int, **extra: Any) -
     contender = server.contender
     body = {**bench.completion_body(contender.model, prompt, max_tokens), **extra}
     result = await bench.stream_request(
-        contender.client, "/v1/completions", body, contender.config.request_timeout,
+        contender.client,
+        "/v1/completions",
+        body,
+        contender.config.request_timeout,
         contender.count_tokens,
-    )  # fmt: skip
+    )
     if not result.ok:
         raise RuntimeError(f"completion failed: {result.error}")
     return result
@@ -739,9 +743,12 @@ async def chat(server: Server, messages: list[dict[str, str]], max_tokens: int) 
     contender = server.contender
     body = bench.chat_body(contender.model, messages, max_tokens)
     result = await bench.stream_request(
-        contender.client, "/v1/chat/completions", body, contender.config.request_timeout,
+        contender.client,
+        "/v1/chat/completions",
+        body,
+        contender.config.request_timeout,
         contender.count_tokens,
-    )  # fmt: skip
+    )
     if not result.ok or result.ttft is None:
         raise RuntimeError(f"chat failed: {result.error}")
     return result
