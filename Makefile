@@ -22,9 +22,21 @@ endif
 # The built wheel is kept per version and GPU variant, so re-running `make install`
 # (or a fresh clone on the same machine) does not rebuild llama.cpp.
 WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/wheels/$(LLAMA_CPP_VERSION)-$(GPU)
+# llama.cpp's own server, the bench's second peer: built from the vendor/llama.cpp of the same
+# llama-cpp-python sdist (so both peers and shimmy run the same llama.cpp), with the same GPU
+# flags as the wheel, and cached next to it. Only `make bench` builds it, never install/test.
+LLAMA_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/llama-server/$(LLAMA_CPP_VERSION)-$(GPU)
+LLAMA_SERVER ?= $(LLAMA_SERVER_CACHE)/llama-server
+# The server and nothing else: no tests, examples, HTTPS or web UI (no download at build
+# time: only the package registry is reachable), and a static build so the cached binary
+# needs none of the build tree's shared libraries.
+CMAKE_SERVER := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF \
+	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
-.PHONY: install llama-cpp browser test test-fast lint format serve bench clean llamacpp-suite
+.PHONY: install llama-cpp llama-server browser test test-fast lint format serve bench bench-versus clean llamacpp-suite
 
 install: $(BIN)/python llama-cpp browser
 	$(BIN)/pip install -q -e '.[dev,bench,starter]'
@@ -84,8 +96,31 @@ serve:
 llamacpp-suite:
 	$(BIN)/python bench/llamacpp_suite/run.py $(if $(SUITE),--suite $(SUITE)) $(FILES)
 
-bench:
+bench: llama-server
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/versus.py --llama-server $(LLAMA_SERVER)
+
+# Only the comparison with llama.cpp's server and llama-cpp-python's (bench/versus.py).
+bench-versus: llama-server
+	$(BIN)/python bench/versus.py --llama-server $(LLAMA_SERVER)
+
+llama-server: $(LLAMA_SERVER)
+
+# The sdist is fetched with pip (the package registry is the only source needed), unpacked
+# and built in a scratch folder that is removed afterwards; only the binary is kept.
+$(LLAMA_SERVER): | $(BIN)/python
+	@echo "Building llama.cpp's llama-server from llama-cpp-python $(LLAMA_CPP_VERSION) for $(GPU) (once)"
+	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d "$$scratch" \
+		llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	tar -xzf "$$scratch"/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C "$$scratch"; \
+	src="$$scratch/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp"; \
+	cmake -S "$$src" -B "$$scratch/build" $(CMAKE_SERVER) $(CMAKE_GPU_$(GPU)) $(CMAKE_EXTRA) >/dev/null; \
+	cmake --build "$$scratch/build" --target llama-server -j $(NPROC); \
+	mkdir -p $(LLAMA_SERVER_CACHE); \
+	cp "$$scratch/build/bin/llama-server" $(LLAMA_SERVER).tmp; \
+	mv $(LLAMA_SERVER).tmp $(LLAMA_SERVER)
+	@echo "llama-server cached at $(LLAMA_SERVER)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
