@@ -27,9 +27,15 @@ def model(tiny_model_path: Path) -> Iterator[LlamaModel]:
     loaded.close()
 
 
-def make_embedder(model: LlamaModel, *, max_sequences: int) -> Embedder:
+def make_embedder(model: LlamaModel, *, max_sequences: int, batch_tokens: int = 512) -> Embedder:
     return Embedder(
-        model, n_ctx=N_CTX, threads=2, threads_batch=2, swa_full=True, max_sequences=max_sequences
+        model,
+        n_ctx=N_CTX,
+        threads=2,
+        threads_batch=2,
+        swa_full=True,
+        max_sequences=max_sequences,
+        batch_tokens=batch_tokens,
     )
 
 
@@ -91,18 +97,19 @@ def test_several_sequences_share_a_decode_and_match_one_at_a_time(
 def test_inputs_are_packed_up_to_the_token_budget(
     model: LlamaModel, alone: Embedder, decodes: list[int]
 ) -> None:
-    # 256 tokens a decode: [100, 100, 50] [200, 1, 5] [256] [30, 30].
-    inputs = token_inputs([100, 100, 50, 200, 1, 5, 256, 30, 30])
+    # 128 tokens a decode, unless one input alone is longer (up to N_CTX):
+    # [100, 20] [50] [200] [1, 5] [256] [30, 30, 60].
+    inputs = token_inputs([100, 20, 50, 200, 1, 5, 256, 30, 30, 60])
     expected = one_at_a_time(alone, inputs)
     decodes.clear()
-    batched = make_embedder(model, max_sequences=32)
+    batched = make_embedder(model, max_sequences=32, batch_tokens=128)
     try:
         result = batched.embed(inputs)
     finally:
         batched.close()
-    assert decodes == [250, 206, 256, 60]
+    assert decodes == [120, 50, 200, 6, 256, 120]
     np.testing.assert_allclose(np.array(result.vectors), expected, rtol=0, atol=1e-5)
-    assert result.prompt_tokens == 772
+    assert result.prompt_tokens == 752
 
 
 def test_results_keep_the_order_of_the_inputs(model: LlamaModel) -> None:

@@ -19,9 +19,16 @@ from shimmy.engine.llama import Batch, ContextConfig, LlamaContext, LlamaModel
 from shimmy.engine.types import EmbeddingResult
 from shimmy.errors import ContextLengthExceeded, InvalidRequest
 
-# Sequences per decode. Past a few dozen short inputs a decode is already large enough to keep
-# the matrix kernels busy, so more sequences buy little; and the context reserves per-sequence
-# bookkeeping (pooling inputs, output slots) for this many whatever the request holds.
+# What one decode may hold when it packs several inputs. llama.cpp computes and copies out
+# logits for every token of an embeddings batch (n_vocab floats each: 1 MiB a token with Gemma's
+# 262k vocabulary, twice over with the compute buffer), so the tokens of one decode, not the
+# request, set the memory an embeddings call touches. 512 tokens is already a large enough
+# decode for the matrix kernels, and the peak stays what one 512-token input cost when inputs
+# were decoded alone. A single input longer than this still gets a decode of its own.
+BATCH_TOKENS = 512
+# Sentence-length inputs (about 16 tokens) fill BATCH_TOKENS at 32 sequences. The context also
+# reserves a logits row per sequence up front (n_seq_max * n_vocab floats, 32 MiB with Gemma),
+# which a larger cap would spend on every model that is ever asked for an embedding.
 MAX_SEQUENCES = 32
 
 
@@ -35,11 +42,13 @@ class Embedder:
         threads_batch: int,
         swa_full: bool,
         max_sequences: int = MAX_SEQUENCES,
+        batch_tokens: int = BATCH_TOKENS,
     ) -> None:
         self._model = model
         self._limit = n_ctx
-        # One decode holds up to max_sequences inputs and about n_ctx tokens, so a single input
-        # may be as long as before and the KV cache is no larger than before:
+        self._batch_tokens = batch_tokens
+        # A decode holds up to max_sequences inputs, or one input of up to n_ctx tokens as
+        # before, so the KV cache is no larger than before:
         # - kv_unified: every sequence draws on one cache sized for the batch's tokens together.
         #   Split per sequence instead, each would get n_ctx / max_sequences cells, and a long
         #   input would not fit although the batch had room.
@@ -74,7 +83,8 @@ class Embedder:
         try:
             n_seqs = 0
             for tokens in inputs:
-                if n_seqs == self._config.n_seq_max or len(tokens) > batch.room:
+                full = batch.size + len(tokens) > self._batch_tokens
+                if n_seqs == self._config.n_seq_max or (n_seqs and full):
                     vectors.extend(self._decode(ctx, batch, n_seqs))
                     n_seqs = 0
                 for pos, token in enumerate(tokens):
