@@ -20,13 +20,16 @@ from shimmy.engine.types import EmbeddingResult
 from shimmy.errors import ContextLengthExceeded, InvalidRequest
 
 # What one decode may hold when it packs several inputs. llama.cpp computes and copies out
-# logits for every token of an embeddings batch (n_vocab floats each: 1 MiB a token with Gemma's
-# 262k vocabulary, twice over with the compute buffer), so the tokens of one decode, not the
-# request, set the memory an embeddings call touches. 512 tokens is already a large enough
-# decode for the matrix kernels, and the peak stays what one 512-token input cost when inputs
-# were decoded alone. A single input longer than this still gets a decode of its own.
-BATCH_TOKENS = 512
-# Sentence-length inputs (about 16 tokens) fill BATCH_TOKENS at 32 sequences. The context also
+# logits for every token of an embeddings batch (n_vocab floats, in the compute buffer and again
+# in the output buffer: 2 MiB a token with Gemma's 262k vocabulary), so the tokens of one decode,
+# not the request, set the memory an embeddings call touches. The budget is spent on that:
+# 256 MiB is 128 tokens with Gemma, which measured within noise of 256 or 512 tokens (about 15
+# against 16 inputs/s on the starter model, 2 cores) at a quarter of 512's memory; smaller
+# vocabularies get more tokens, up to 512. A single input longer than this still gets a decode
+# of its own, up to n_ctx as before.
+LOGITS_BUDGET_BYTES = 256 << 20
+MAX_BATCH_TOKENS = 512
+# Sentence-length inputs (about 16 tokens) fill the largest budget at 32 sequences. The context also
 # reserves a logits row per sequence up front (n_seq_max * n_vocab floats, 32 MiB with Gemma),
 # which a larger cap would spend on every model that is ever asked for an embedding.
 MAX_SEQUENCES = 32
@@ -42,10 +45,13 @@ class Embedder:
         threads_batch: int,
         swa_full: bool,
         max_sequences: int = MAX_SEQUENCES,
-        batch_tokens: int = BATCH_TOKENS,
+        batch_tokens: int | None = None,
     ) -> None:
         self._model = model
         self._limit = n_ctx
+        if batch_tokens is None:
+            per_token = 2 * model.n_vocab * 4
+            batch_tokens = max(1, min(MAX_BATCH_TOKENS, LOGITS_BUDGET_BYTES // per_token))
         self._batch_tokens = batch_tokens
         # A decode holds up to max_sequences inputs, or one input of up to n_ctx tokens as
         # before, so the KV cache is no larger than before:
