@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         description="Speculative decoding from n-grams of the sequence itself (no draft model); "
         "a request's 'speculative' overrides it",
     )
-    draft_max: int = Field(16, ge=2, le=256, description="Most draft tokens verified per step")
+    draft_max: int = Field(32, ge=2, le=256, description="Most draft tokens verified per step")
 
     # --- requests ----------------------------------------------------------------------------
     default_max_tokens: int = Field(100, ge=1)
