@@ -100,7 +100,9 @@ async def test_every_queued_request_completes(
 
 
 @pytest.mark.starter
-async def test_starter_twins_in_one_batch_answer_identically(starter_server: str) -> None:
+async def test_starter_twins_in_one_batch_answer_identically(
+    starter_model_path: Path, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
     """No cross-talk on the real model.
 
     Quantized kernels are not batch-invariant (a greedy answer computed in a batch can differ
@@ -110,10 +112,12 @@ async def test_starter_twins_in_one_batch_answer_identically(starter_server: str
     produce identical text, while the two pairs differ. Any leak of positions, logits rows or
     sampler state between sequences of the batch breaks a pair.
 
-    A prompt decoded in other chunks also moves the arithmetic, so the twins must start from
-    the same cache state: the call is made twice, and the second, measured one finds each
-    twin's prompt in a slot of its own (the session's server has served other tests before).
+    Where a sequence's KV cells sit in its cache also moves the arithmetic (the order
+    attention sums them in), and that depends on what the slot held before: the twins must
+    start from the same cache state, so the test has a server of its own, with empty slots.
     """
+    settings = isolated_settings(starter_model_path.parent, tmp_path, ctx_size=2048, parallel=4)
+    url = server_factory(settings.model_copy(update={"model_paths": [starter_model_path]}))
     prompts = ["Once upon a time", "The first man on the moon was"]
     body = {
         "model": "default",
@@ -123,9 +127,7 @@ async def test_starter_twins_in_one_batch_answer_identically(starter_server: str
         "seed": 7,
     }
     async with httpx.AsyncClient(timeout=120) as client:
-        warm = await client.post(f"{starter_server}/v1/completions", json=body)
-        assert warm.status_code == 200, warm.text
-        resp = await client.post(f"{starter_server}/v1/completions", json=body)
+        resp = await client.post(f"{url}/v1/completions", json=body)
     assert resp.status_code == 200, resp.text
     choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
     texts = [c["text"] for c in choices]

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# A shorter shared prefix (often just BOS) saves nothing, and reusing it would make a prompt's
+# arithmetic depend on which slot it lands in: twins in one batch must answer alike.
+MIN_REUSED_TOKENS = 4
 # A prompt shorter than this is cheap to decode again: no checkpoint is made for it.
 CHECKPOINT_MIN_TOKENS = 256
 
@@ -342,7 +345,7 @@ class Scheduler:
         reuse. With a sliding window the positions before a cut must still hold the window's
         KV; where they do not, the latest checkpoint before the cut serves."""
         common = min(common_prefix(cached, prompt), limit)
-        if common <= 0:
+        if common < MIN_REUSED_TOKENS:
             return Reuse()
         if self._window == 0 or first_position <= max(0, common - self._window):
             return Reuse(common)
