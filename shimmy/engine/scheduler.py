@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from shimmy.engine.llama import Batch, LlamaContext, LlamaModel, Sampler
 from shimmy.engine.logprobs import prompt_token_score, token_logprob
-from shimmy.engine.ngram import NgramDrafter
+from shimmy.engine.ngram import MIN_DRAFT, NgramDrafter
 from shimmy.engine.promptcache import MIN_SAVED_TOKENS, HostPromptCache, SavedSequence
 from shimmy.engine.protocol import EngineHooks
 from shimmy.engine.slots import Checkpoint, Job, Slot, common_prefix
@@ -418,11 +418,7 @@ class Scheduler:
                 slot.batch_index = batch.add(slot.next_token, pos, slot.seq_id, True)
                 slot.cached.append(slot.next_token)
                 slot.next_token = None
-                # The draft's tokens follow at consecutive batch indexes, each with logits:
-                # the logits after draft token i tell whether token i + 1 is right.
-                del slot.draft[batch.room :]
-                for offset, token in enumerate(slot.draft, start=1):
-                    batch.add(token, pos + offset, slot.seq_id, True)
+        self._add_drafts(batch, active)
         # Prompts fill the rest of the batch in admission order, each at most one chunk.
         for slot in sorted((s for s in active if s.prefilling), key=lambda s: s.admitted_at):
             take = min(len(slot.prompt) - len(slot.cached), batch.room, self.settings.prefill_chunk)
@@ -460,6 +456,29 @@ class Scheduler:
             if slot.batch_index >= 0 and slot.job is not None:
                 self._sample(slot)
 
+    def _add_drafts(self, batch: Batch, active: list[Slot]) -> None:
+        """Put the slots' drafts after their next tokens, within the step's draft budget.
+
+        A draft pays by sharing a step's fixed cost among more tokens; once a step holds
+        about a full draft's worth of tokens it is bound by arithmetic, where a draft token
+        costs what a sequence's own next token does but is right only some of the time. So
+        drafts fill the step only up to ``draft_max`` + 1 tokens: a lone sequence drafts in
+        full, many sequences decoding together hardly draft at all.
+        """
+        budget = self.settings.draft_max + 1
+        for slot in active:
+            draft, slot.draft = slot.draft, []
+            room = min(budget - batch.size, batch.room)
+            if not draft or slot.batch_index < 0 or room < MIN_DRAFT:
+                continue
+            slot.draft = draft[:room]
+            # Each draft token with logits: those after draft token i tell whether token
+            # i + 1 is right.
+            pos = len(slot.cached)
+            slot.draft_index = batch.size
+            for offset, token in enumerate(slot.draft):
+                batch.add(token, pos + offset, slot.seq_id, True)
+
     def _score_prompt_chunk(self, slot: Slot) -> None:
         """Score the prompt tokens that follow this step's chunk positions: the logits at
         position p rate the prompt token at p + 1."""
@@ -496,7 +515,7 @@ class Scheduler:
                 # logits after it give the next token without another step.
                 slot.cached.append(token)
                 accepted += 1
-                index = slot.batch_index + accepted
+                index = slot.draft_index + accepted - 1
                 continue
             slot.next_token = token
             break

@@ -73,6 +73,7 @@ class Slot:
     # guessed to follow ``next_token``, decoded with it in the next step.
     drafter: NgramDrafter | None = None
     draft: list[int] = field(default_factory=list)
+    draft_index: int = -1  # the batch index of the draft's first token
     checkpoints: list[Checkpoint] = field(default_factory=list)
     # Where this request's prompt stops for a checkpoint before its last token (-1: none).
     checkpoint_at: int = -1
