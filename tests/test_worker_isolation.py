@@ -142,8 +142,10 @@ def test_killing_a_worker_mid_stream_ends_its_streams_only(server: ServedProcess
     with healthy_stream(url, "tiny2") as other, healthy_stream(url) as victim:
         models = loaded(url)
         os.kill(models["tiny"]["worker_pid"], signal.SIGKILL)
+        # The stream's first token came before the kill (healthy_stream read it); more may
+        # have, depending on how far the worker got.
         *tokens, crashed, done = list(victim)
-        assert tokens and all("choices" in chunk for chunk in tokens)
+        assert all("choices" in chunk for chunk in tokens)
         # OpenAI's error event after the tokens already sent; no finish_reason was sent
         assert crashed["error"]["code"] == "model_crashed" and done == "[DONE]"
         assert "SIGKILL" in crashed["error"]["message"]
