@@ -3,8 +3,7 @@
 A slot keeps the tokens of its last request in the KV cache after the request ends. A new
 request goes to the free slot whose cached tokens share the longest prefix with its prompt, so
 only the differing tail is decoded (the next turn of a chat, a shared system prompt); the
-scheduler chooses (``Scheduler._place``), also among sequences saved in host memory
-(promptcache.py).
+choice, also among sequences saved in host memory, is placement.py's.
 
 Only the worker thread touches slots, except that the event loop counts busy ones under the
 scheduler's lock.
