@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Drafts only while this few sequences decode together. Measured on Gemma 3 270M Q4_K_M, 2
+# cores, greedy stories of 128 tokens (tok/s without drafts / with): 2 clients 77 / 100,
+# 4 clients 108 / 131, 16 clients on 8 slots 152 / 123 when all 8 may draft. With many
+# sequences a step is bound by arithmetic, and a draft token costs what a sequence's own next
+# token does while being right only some of the time.
+MAX_DRAFTING_SEQUENCES = 4
+
 
 class Scheduler:
     def __init__(
@@ -309,13 +316,15 @@ class Scheduler:
     def _add_drafts(self, batch: Batch, active: list[Slot]) -> None:
         """Put the slots' drafts after their next tokens, within the step's draft budget.
 
-        A draft pays by sharing a step's fixed cost among more tokens; once a step holds
-        about a full draft's worth of tokens it is bound by arithmetic, where a draft token
-        costs what a sequence's own next token does but is right only some of the time. So
-        drafts fill the step only up to ``draft_max`` + 1 tokens: a lone sequence drafts in
-        full, many sequences decoding together hardly draft at all.
+        A draft pays by sharing a step's fixed cost among more tokens. With more than
+        ``MAX_DRAFTING_SEQUENCES`` decoding, nobody drafts; otherwise drafts fill the step up
+        to ``draft_max`` + 1 tokens, so a lone sequence drafts in full.
         """
         budget = self.settings.draft_max + 1
+        if sum(1 for slot in active if slot.batch_index >= 0) > MAX_DRAFTING_SEQUENCES:
+            for slot in active:
+                slot.draft = []
+            return
         for slot in active:
             draft, slot.draft = slot.draft, []
             room = min(budget - batch.size, batch.room)
