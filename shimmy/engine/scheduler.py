@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from shimmy.engine.llama import Batch, LlamaContext, LlamaModel, Sampler
 from shimmy.engine.logprobs import prompt_token_score, token_logprob
-from shimmy.engine.ngram import MIN_DRAFT, NgramDrafter
 from shimmy.engine.placement import Placer
 from shimmy.engine.protocol import EngineHooks
 from shimmy.engine.slots import Job, Slot
+from shimmy.engine.speculation import add_drafts, propose_draft
 from shimmy.engine.stream import GenerationStream, WorkerCall
 from shimmy.engine.types import (
     Finished,
@@ -51,13 +51,6 @@ from shimmy.settings import Settings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Drafts only while this few sequences decode together. Measured on Gemma 3 270M Q4_K_M, 2
-# cores, greedy stories of 128 tokens (tok/s without drafts / with): 2 clients 77 / 100,
-# 4 clients 108 / 131, 16 clients on 8 slots 152 / 123 when all 8 may draft. With many
-# sequences a step is bound by arithmetic, and a draft token costs what a sequence's own next
-# token does while being right only some of the time.
-MAX_DRAFTING_SEQUENCES = 4
 
 
 class Scheduler:
@@ -275,7 +268,7 @@ class Scheduler:
                 slot.batch_index = batch.add(slot.next_token, pos, slot.seq_id, True)
                 slot.cached.append(slot.next_token)
                 slot.next_token = None
-        self._add_drafts(batch, active)
+        add_drafts(batch, active, self.settings.draft_max)
         # Prompts fill the rest of the batch in admission order, each at most one chunk.
         for slot in sorted((s for s in active if s.prefilling), key=lambda s: s.admitted_at):
             take = min(len(slot.prompt) - len(slot.cached), batch.room, self.settings.prefill_chunk)
@@ -312,31 +305,6 @@ class Scheduler:
                 self._score_prompt_chunk(slot)
             if slot.batch_index >= 0 and slot.job is not None:
                 self._sample(slot)
-
-    def _add_drafts(self, batch: Batch, active: list[Slot]) -> None:
-        """Put the slots' drafts after their next tokens, within the step's draft budget.
-
-        A draft pays by sharing a step's fixed cost among more tokens. With more than
-        ``MAX_DRAFTING_SEQUENCES`` decoding, nobody drafts; otherwise drafts fill the step up
-        to ``draft_max`` + 1 tokens, so a lone sequence drafts in full.
-        """
-        budget = self.settings.draft_max + 1
-        if sum(1 for slot in active if slot.batch_index >= 0) > MAX_DRAFTING_SEQUENCES:
-            for slot in active:
-                slot.draft = []
-            return
-        for slot in active:
-            draft, slot.draft = slot.draft, []
-            room = min(budget - batch.size, batch.room)
-            if not draft or slot.batch_index < 0 or room < MIN_DRAFT:
-                continue
-            slot.draft = draft[:room]
-            # Each draft token with logits: those after draft token i tell whether token
-            # i + 1 is right.
-            pos = len(slot.cached)
-            slot.draft_index = batch.size
-            for offset, token in enumerate(slot.draft):
-                batch.add(token, pos + offset, slot.seq_id, True)
 
     def _score_prompt_chunk(self, slot: Slot) -> None:
         """Score the prompt tokens that follow this step's chunk positions: the logits at
@@ -389,7 +357,7 @@ class Scheduler:
         if ended is not None:
             self._finish(slot, ended[0], cause=ended[1])
             return
-        self._propose_draft(slot)
+        propose_draft(slot, self.settings, rewindable=self.model.rewindable, n_ctx=self.n_ctx)
 
     def _take(
         self, slot: Slot, token: int, index: int
@@ -418,28 +386,6 @@ class Scheduler:
         if slot.generated >= slot.max_new:
             return "length", None
         return None
-
-    def _propose_draft(self, slot: Slot) -> None:
-        """Guess what follows the slot's next token, for the next step to verify."""
-        assert slot.job is not None and slot.next_token is not None
-        if not self._speculates(slot.job.request):
-            return
-        if slot.drafter is None:
-            slot.drafter = NgramDrafter(max_draft=self.settings.draft_max)
-        # The drafter has seen everything up to the previous next token; since then the
-        # accepted draft tokens and this next token came.
-        slot.drafter.extend(slot.cached[slot.drafter.size :])
-        slot.drafter.extend([slot.next_token])
-        # Never past max_tokens or the context: the next token itself takes one place.
-        room = min(slot.max_new - slot.generated - 1, self.n_ctx - len(slot.cached) - 2)
-        if room > 0:
-            slot.draft = slot.drafter.draft(room)
-
-    def _speculates(self, request: GenerationRequest) -> bool:
-        wanted = request.speculative
-        if wanted is None:
-            wanted = self.settings.speculative
-        return wanted and self.model.rewindable
 
     def _token_bytes(self, token: int) -> bytes:
         return self.model.token_bytes(token, self._piece_buf)
