@@ -1210,18 +1210,25 @@ def save(report: Report, markdown: str) -> None:
     (RESULTS_DIR / "latest.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config = build_config(parse_args(argv))
+def run_interruptibly(action: Callable[[], T]) -> T | None:
+    """``action()``, or None after Ctrl-C. SIGTERM becomes an exception, so the finally
+    blocks that stop the servers still run."""
 
-    # SIGTERM becomes an exception, so the finally blocks that stop the servers still run.
     def terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        report = run(config)
+        return action()
     except KeyboardInterrupt:
         log("interrupted; all servers were stopped")
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = build_config(parse_args(argv))
+    report = run_interruptibly(functools.partial(run, config))
+    if report is None:
         return 130
     markdown = render_markdown(report)
     save(report, markdown)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -1159,19 +1158,12 @@ def save(report: VersusReport, markdown: str, chart: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = build_config(parse_args(argv))
-
-    # SIGTERM becomes an exception, so the blocks that stop the servers still run.
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
     try:
-        report = run(config)
-    except KeyboardInterrupt:
-        log("interrupted; all servers were stopped")
-        return 130
+        report = bench.run_interruptibly(functools.partial(run, config))
     finally:
         stop_all_started()
+    if report is None:
+        return 130
     markdown = render_markdown(report)
     save(report, markdown, config.chart)
     print(markdown)
