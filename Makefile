@@ -19,13 +19,23 @@ ifeq ($(filter $(GPU),cpu cuda metal vulkan),)
 $(error GPU must be one of cpu, cuda, metal, vulkan (got '$(GPU)'))
 endif
 
+# llama.cpp's AMX kernels (Intel Xeon 4th gen and later) crash the first decode of Q4_K
+# models such as the starter model: ggml-org/llama.cpp#20824, open and unfixed. A native
+# build enables them wherever the CPU has AMX, so on x86-64 both builds leave them out; GCC
+# and Clang let an explicit -mno-* win over -march=native. The AVX-512 kernels remain.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+# Bumped whenever the build flags change, so a cached build made with the old ones is not reused.
+BUILD_RECIPE := 2
+
 # The built wheel is kept per version and GPU variant, so re-running `make install`
 # (or a fresh clone on the same machine) does not rebuild llama.cpp.
-WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/wheels/$(LLAMA_CPP_VERSION)-$(GPU)
+WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/wheels/$(LLAMA_CPP_VERSION)-$(GPU)-r$(BUILD_RECIPE)
 # llama.cpp's own server, the bench's second peer: built from the vendor/llama.cpp of the same
 # llama-cpp-python sdist (so both peers and shimmy run the same llama.cpp), with the same GPU
 # flags as the wheel, and cached next to it. Only `make bench` builds it, never install/test.
-LLAMA_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/llama-server/$(LLAMA_CPP_VERSION)-$(GPU)
+LLAMA_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/shimmy/llama-server/$(LLAMA_CPP_VERSION)-$(GPU)-r$(BUILD_RECIPE)
 LLAMA_SERVER ?= $(LLAMA_SERVER_CACHE)/llama-server
 # The server and nothing else: no tests, examples, HTTPS or web UI (no download at build
 # time: only the package registry is reachable), and a static build so the cached binary
@@ -51,7 +61,7 @@ llama-cpp: $(BIN)/python
 	@if ! ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
 		echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for $(GPU) (once; about 6 min on 2 cores)"; \
 		mkdir -p $(WHEEL_CACHE); \
-		CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
+		CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
 		CMAKE_ARGS="$(CMAKE_COMMON) $(CMAKE_GPU_$(GPU)) $(CMAKE_EXTRA)" \
 		$(BIN)/pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
 			-w $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_CPP_VERSION); \
@@ -91,10 +101,16 @@ format:
 serve:
 	$(BIN)/shimmy serve
 
-# llama.cpp's own server tests against shimmy (slow; fetches the llama-cpp-python sdist once).
+# llama.cpp's own server tests, first against llama-server itself (the baseline), then against
+# shimmy, judged by what llama-server passed (slow; fetches the llama-cpp-python sdist once).
 # SUITE=path/to/tools/server/tests uses that copy; FILES=test_completion.py picks files.
-llamacpp-suite:
-	$(BIN)/python bench/llamacpp_suite/run.py $(if $(SUITE),--suite $(SUITE)) $(FILES)
+SUITE_OUT := bench/llamacpp_suite/out
+llamacpp-suite: llama-server
+	@mkdir -p $(SUITE_OUT)
+	$(BIN)/python bench/llamacpp_suite/run.py $(if $(SUITE),--suite $(SUITE)) $(FILES) \
+		--llama-server $(LLAMA_SERVER) --json $(SUITE_OUT)/llama-server.json
+	$(BIN)/python bench/llamacpp_suite/run.py $(if $(SUITE),--suite $(SUITE)) $(FILES) \
+		--baseline $(SUITE_OUT)/llama-server.json --json $(SUITE_OUT)/shimmy.json
 
 bench: llama-server
 	$(BIN)/python bench/bench.py
@@ -115,6 +131,7 @@ $(LLAMA_SERVER): | $(BIN)/python
 		llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	tar -xzf "$$scratch"/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C "$$scratch"; \
 	src="$$scratch/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp"; \
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
 	cmake -S "$$src" -B "$$scratch/build" $(CMAKE_SERVER) $(CMAKE_GPU_$(GPU)) $(CMAKE_EXTRA) >/dev/null; \
 	cmake --build "$$scratch/build" --target llama-server -j $(NPROC); \
 	mkdir -p $(LLAMA_SERVER_CACHE); \

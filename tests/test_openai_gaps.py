@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import openai
 import pytest
 from conftest import isolated_settings, run_server
+from prometheus_client.parser import text_string_to_metric_families
 from tiny_gguf import vocabulary
 
 from shimmy.api.openai.token_ids import CL100K_FILE
@@ -58,13 +60,27 @@ def user(text: str) -> list[dict[str, Any]]:
 # --- n and best_of ----------------------------------------------------------------------------
 
 
-def test_n_chat_choices_are_independent_and_reproducible(client: openai.OpenAI) -> None:
+def forks(api_url: str) -> float:
+    """How many sequences so far copied a sibling's prompt KV (``shimmy_prompt_forks``)."""
+    metrics = httpx.get(f"{api_url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "shimmy_prompt_forks":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return 0.0
+
+
+def test_n_chat_choices_are_independent_and_reproducible(
+    client: openai.OpenAI, api_url: str
+) -> None:
     def ask() -> Any:
         return client.chat.completions.create(
             model="tiny", messages=user("Three, please"), n=3, max_tokens=8, seed=7
         )
 
+    before = forks(api_url)
     reply = ask()
+    # The prompt was decoded once: the other two choices copied its KV.
+    assert forks(api_url) - before == 2
     assert [c.index for c in reply.choices] == [0, 1, 2]
     texts = [c.message.content for c in reply.choices]
     assert len(set(texts)) >= 2  # each choice samples with a seed of its own

@@ -7,6 +7,11 @@ passes, per file.
 installed version is fetched with pip (once, into shimmy's cache) and its vendored suite used.
 The model defaults to the starter model. Each test starts its server through the shim
 (``llama-server`` here, see ``shim.py``), so it runs shimmy exactly as a user would.
+
+The baseline is llama.cpp's server on the same model and the same tests:
+
+    run.py --llama-server PATH --json base.json     # llama.cpp's server itself
+    run.py --baseline base.json                     # shimmy, judged against it
 Not part of ``make test``: it needs the suite, and it takes minutes.
 """
 
@@ -91,7 +96,22 @@ def starter_model() -> Path:
     return path
 
 
-def run_file(suite: Path, name: str, model: Path, extra: list[str]) -> dict[str, int]:
+def outcomes(report: Path) -> dict[str, str]:
+    """Each test's outcome in a junit report: passed, failed, error or skipped."""
+    found: dict[str, str] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = "passed"
+        for child, label in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            if case.find(child) is not None:
+                outcome = label
+        found[name] = outcome
+    return found
+
+
+def run_file(
+    suite: Path, name: str, model: Path, extra: list[str], real_server: Path | None
+) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         env = {
@@ -102,6 +122,8 @@ def run_file(suite: Path, name: str, model: Path, extra: list[str]) -> dict[str,
             # This checkout's shimmy, whichever one the interpreter has installed.
             "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE / "stubs"), str(REPO)]),
         }
+        if real_server is not None:
+            env["SHIMMY_SUITE_REAL_SERVER"] = str(real_server)
         subprocess.run(
             [
                 sys.executable,
@@ -121,18 +143,35 @@ def run_file(suite: Path, name: str, model: Path, extra: list[str]) -> dict[str,
             check=False,
         )
         if not report.is_file():
-            return {"passed": 0, "failed": 0, "skipped": 0, "errors": 1}
-        suite_node = ET.parse(report).getroot().find("testsuite")
-        assert suite_node is not None
-        counts = {
-            k: int(suite_node.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")
-        }
-    return {
-        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-        "failed": counts["failures"],
-        "errors": counts["errors"],
-        "skipped": counts["skipped"],
-    }
+            return {f"unit.{name}::<collection>": "error"}
+        return outcomes(report)
+
+
+def counts(results: dict[str, str]) -> dict[str, int]:
+    return {k: sum(1 for v in results.values() if v == k) for k in OUTCOMES}
+
+
+OUTCOMES = ("passed", "failed", "error", "skipped")
+
+
+def compare(results: dict[str, dict[str, str]], baseline: dict[str, dict[str, str]]) -> None:
+    """Of the tests llama-server passed, which shimmy passes too, per file."""
+    print(f"\n{'file':32} {'llama-server passed':>20} {'shimmy passes too':>18}")
+    total_base = total_both = 0
+    missing: list[str] = []
+    for name, cases in results.items():
+        base = {t for t, v in baseline.get(name, {}).items() if v == "passed"}
+        both = {t for t in base if cases.get(t) == "passed"}
+        missing += sorted(base - both)
+        total_base += len(base)
+        total_both += len(both)
+        print(f"{name:32} {len(base):20} {len(both):18}")
+    share = total_both / total_base if total_base else 0.0
+    print(f"{'total':32} {total_base:20} {total_both:18}  ({share:.1%})")
+    if missing:
+        print("\nPassed by llama-server, not by shimmy:")
+        for test in missing:
+            print("  " + test)
 
 
 def main() -> None:
@@ -140,19 +179,28 @@ def main() -> None:
     parser.add_argument("files", nargs="*", default=list(DEFAULT_FILES))
     parser.add_argument("--suite", type=Path, help="a tools/server/tests folder")
     parser.add_argument("--model", type=Path, help="the GGUF every test gets")
-    parser.add_argument("--json", type=Path, help="write the counts here too")
+    parser.add_argument("--json", type=Path, help="write each test's outcome here too")
+    parser.add_argument(
+        "--llama-server", type=Path, help="run llama.cpp's server itself (the baseline)"
+    )
+    parser.add_argument("--baseline", type=Path, help="a --json of the llama-server run")
     parser.add_argument("--pytest-args", default="", help="more pytest arguments (-x, -k ...)")
     args = parser.parse_args()
     suite = (args.suite or fetched_suite()).resolve()
     model = (args.model or starter_model()).resolve()
-    results = {name: run_file(suite, name, model, args.pytest_args.split()) for name in args.files}
+    real = args.llama_server.resolve() if args.llama_server else None
+    extra = args.pytest_args.split()
+    results = {name: run_file(suite, name, model, extra, real) for name in args.files}
     print(f"\n{'file':32} passed failed errors skipped")
-    for name, c in results.items():
-        print(f"{name:32} {c['passed']:6} {c['failed']:6} {c['errors']:6} {c['skipped']:7}")
-    total = {k: sum(c[k] for c in results.values()) for k in ("passed", "failed", "errors")}
-    print(f"{'total':32} {total['passed']:6} {total['failed']:6} {total['errors']:6}")
+    for name, cases in results.items():
+        c = counts(cases)
+        print(f"{name:32} {c['passed']:6} {c['failed']:6} {c['error']:6} {c['skipped']:7}")
+    total = counts({f"{n}/{t}": v for n, cases in results.items() for t, v in cases.items()})
+    print(f"{'total':32} {total['passed']:6} {total['failed']:6} {total['error']:6}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    if args.baseline:
+        compare(results, json.loads(args.baseline.read_text()))
 
 
 if __name__ == "__main__":

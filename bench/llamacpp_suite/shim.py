@@ -12,10 +12,15 @@ tools...) ends the shim with status 2, so the test fails at once and says why.
 - ``--temp``, ``--seed``, ``--n-predict``, ``--alias`` and ``--chat-template-file`` become the
   model's TOML config (sampling defaults, aliases, template); ``--n-predict`` also caps
   ``max_tokens``.
+- The model names the suite's requests use ("test", "gpt-3.5-turbo"...) become aliases:
+  shimmy refuses a name it does not serve, where llama-server takes any.
 - ``--host`` and ``--port`` become ``--bind``; ``--api-key``, ``--threads``, ``--batch-size``,
   ``--n-gpu-layers``, ``--no-ui`` have shimmy equivalents.
 - Flags that change nothing observable here (``--jinja``, ``--cont-batching``, ``--embedding``,
   ``--slots``, ``--metrics``, ``-fa``...) are accepted and dropped.
+
+With ``SHIMMY_SUITE_REAL_SERVER`` set to a llama-server binary, the shim runs that instead, with
+only the model flags replaced by the same local GGUF: the baseline the shimmy run is judged by.
 """
 
 from __future__ import annotations
@@ -44,6 +49,16 @@ UNSUPPORTED = (
     "--context-shift",
     "--reasoning",
     "--reasoning-format",
+)
+
+
+SUITE_MODEL_NAMES = (
+    "test",
+    "gpt-3.5-turbo",
+    "gpt-3.5-turbo-instruct",
+    "gpt-4.1",
+    "davinci-002",
+    "text-embedding-3-small",
 )
 
 
@@ -77,8 +92,10 @@ def model_id(model: Path) -> str:
 
 def config_text(args: argparse.Namespace, model: Path) -> str:
     options: dict[str, object] = {}
-    if args.alias:
-        options["aliases"] = [a.strip() for a in args.alias.split(",") if a.strip()]
+    aliases = [a.strip() for a in (args.alias or "").split(",") if a.strip()]
+    # llama-server answers to any model name; shimmy checks them (a deliberate difference),
+    # so the names the suite's requests use are made aliases, as a user would in the config.
+    options["aliases"] = list(dict.fromkeys([*aliases, *SUITE_MODEL_NAMES]))
     if args.chat_template_file:
         options["chat_template"] = Path(args.chat_template_file).read_text()
     sampling: dict[str, object] = {}
@@ -118,13 +135,36 @@ def command(args: argparse.Namespace, model: Path, config: Path) -> list[str]:
     return argv
 
 
+# llama-server's flags that name where a model comes from, each with one value.
+MODEL_SOURCE_FLAGS = frozenset(
+    {"-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"}
+)
+
+
+def real_server_argv(binary: str, argv: list[str], model: Path) -> list[str]:
+    """llama-server's own command line with every model source replaced by ``model``."""
+    kept: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        if arg in MODEL_SOURCE_FLAGS:
+            next(values, None)
+        elif arg != "--offline":
+            kept.append(arg)
+    return [binary, "--model", str(model), "--offline", *kept]
+
+
 def main() -> None:
+    model = Path(os.environ["SHIMMY_SUITE_MODEL"])
+    real = os.environ.get("SHIMMY_SUITE_REAL_SERVER")
+    if real:
+        argv = real_server_argv(real, sys.argv[1:], model)
+        print("shim (llama-server):", " ".join(argv), flush=True)
+        os.execv(argv[0], argv)
     args, _dropped = parser().parse_known_args()
     for name, value in vars(args).items():
         if name.endswith("_unsupported") and value is not None:
             flag = "--" + name.removesuffix("_unsupported").replace("_", "-")
             sys.exit(f"shim: shimmy has no equivalent of {flag}")
-    model = Path(os.environ["SHIMMY_SUITE_MODEL"])
     folder = Path(tempfile.mkdtemp(prefix="shimmy-suite-"))
     config = folder / "models.toml"
     config.write_text(config_text(args, model))

@@ -72,6 +72,11 @@ ENGINE_COUNTERS = (
         "shimmy_prompt_cache_tokens_restored",
         "Prompt tokens reused from sequences restored from host memory",
     ),
+    (
+        "prompt_forks",
+        "shimmy_prompt_forks",
+        "Sequences that copied a sibling's prompt KV instead of decoding it (n > 1)",
+    ),
     ("draft_tokens", "shimmy_speculative_draft_tokens", "Draft tokens verified (n-gram lookup)"),
     (
         "draft_tokens_accepted",

@@ -73,6 +73,7 @@ class FakeEngine:
         # None: like most chat models, it cannot fill in the middle. Token ids are bytes here,
         # so FIM tokens given for a test should lie above 255.
         self.fim_tokens = fim_tokens
+        self.eog_tokens: tuple[int, ...] = ()
         self._hooks = hooks or EngineHooks()
         self._script = script
         self._playing: set[asyncio.Task[None]] = set()

@@ -166,6 +166,10 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    def eog_tokens(self) -> tuple[int, ...]:
+        # llama.cpp keeps its EOG set private; asking per token takes ~0.1 s for 262k tokens.
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+
     def fim_tokens(self) -> FimTokens | None:
         """The vocabulary's fill-in-the-middle tokens, as llama.cpp found them (the GGUF's
         ``tokenizer.ggml.fim_*_token_id`` keys, else well-known token spellings); None unless
@@ -233,6 +237,12 @@ class LlamaContext:
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Make ``target`` hold what ``source`` holds. Between KV streams (kv_unified off)
+        llama.cpp copies the buffers at the next decode, before that decode reads them."""
+        llama_cpp.llama_memory_seq_rm(self.memory, target, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
 
     def first_position(self, seq_id: int) -> int:
         """The oldest position whose KV a sequence still holds (-1: none). With a sliding
@@ -363,6 +373,8 @@ class Sampler:
             if not grammar:
                 raise InvalidRequest("the grammar could not be parsed", param="grammar")
             self.grammar = grammar
+        if p.logit_bias:
+            self._add(_logit_bias_sampler(model.n_vocab, p.logit_bias))
         if p.chain is not None:
             add_named_samplers(self._add, model.vocab, model.n_vocab, p, self.seed)
             return
@@ -435,3 +447,15 @@ class Sampler:
         if self.grammar:
             llama_cpp.llama_sampler_free(self.grammar)
             self.grammar = None
+
+
+def _logit_bias_sampler(n_vocab: int, biases: tuple[tuple[int, float], ...]) -> object:
+    bad = next((t for t, _ in biases if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary", param="logit_bias")
+    entries = (llama_cpp.llama_logit_bias * len(biases))()
+    for entry, (token, bias) in zip(entries, biases, strict=True):
+        entry.token = token
+        entry.bias = bias
+    # llama.cpp copies the entries, so the array may go when this returns.
+    return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), entries)

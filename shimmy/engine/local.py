@@ -91,6 +91,7 @@ class LocalEngine:
         )
         self.n_gpu_layers = n_gpu_layers
         self.fim_tokens = self.model.fim_tokens()
+        self.eog_tokens = self.model.eog_tokens()
         self.n_ctx = min(settings.ctx_size, self.model.n_ctx_train or settings.ctx_size)
         self.n_parallel = settings.parallel
         self.threads = settings.threads or default_threads()

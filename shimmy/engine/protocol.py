@@ -119,6 +119,11 @@ class Engine(Protocol):
         """The model's fill-in-the-middle tokens; None: it cannot fill in the middle."""
         ...
 
+    @property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """The vocabulary's end-of-generation tokens (EOS, EOT, ``<end_of_turn>``...)."""
+        ...
+
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
 
     async def tokenize_literal(self, texts: list[str]) -> list[list[int]]:

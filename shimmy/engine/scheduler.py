@@ -112,7 +112,7 @@ class Scheduler:
                     "are waiting",
                     retry_after=self._retry_after_estimate(),
                 )
-            self._queue.extend(jobs)
+            self._queue.extend(_with_forks(jobs))
             self.last_used = time.monotonic()
             self._cv.notify()
         return [job.stream for job in jobs]
@@ -194,6 +194,10 @@ class Scheduler:
             kept = collections.deque(j for j in self._queue if not j.stream.cancelled)
             dropped = [j for j in self._queue if j.stream.cancelled]
             self._queue = kept
+            # A cancelled request's forks still want their answers: they go first, on their own.
+            for job in dropped:
+                self._queue.extendleft(reversed(job.forks))
+                job.forks = []
         for job in dropped:
             job.stream.push(Finished("cancelled", Usage()))
 
@@ -209,17 +213,17 @@ class Scheduler:
                 job = self._queue.popleft()
             try:
                 self._start(job, free)
-            except ShimmyError as exc:
-                job.stream.push(exc)
             except Exception as exc:
-                log.exception("could not start a request")
-                job.stream.push(GenerationFailed(str(exc) or type(exc).__name__))
+                if not isinstance(exc, ShimmyError):
+                    log.exception("could not start a request")
+                    exc = GenerationFailed(str(exc) or type(exc).__name__)
+                # Its forks have its prompt and its parameters: they would fail alike.
+                for failed in (job, *job.forks):
+                    failed.stream.push(exc)
 
     def _start(self, job: Job, free: list[Slot]) -> None:
         prompt = self._prompt_tokens(job.request)
-        room = self.n_ctx - len(prompt)
-        max_tokens = job.request.max_tokens
-        max_new = room if max_tokens is None else min(max_tokens, room)
+        max_new = self._max_new(job.request, prompt)
         # Scoring the prompt needs the logits of every prompt position: nothing is reused.
         scoring = job.request.prompt_logprobs is not None
         prefix_cache = self.settings.prefix_cache and not scoring
@@ -234,6 +238,37 @@ class Scheduler:
         if reused:
             self.counters["prefix_hits"] += 1
             self.counters["prefix_tokens_reused"] += reused
+        self._start_forks(job, slot, free)
+
+    def _max_new(self, request: GenerationRequest, prompt: list[int]) -> int:
+        room = self.n_ctx - len(prompt)
+        return room if request.max_tokens is None else min(request.max_tokens, room)
+
+    def _start_forks(self, job: Job, source: Slot, free: list[Slot]) -> None:
+        """Give each of ``job``'s forks a free slot, where it waits for ``source``'s prompt;
+        those that find none are queued first, to decode the prompt themselves."""
+        forks, job.forks = job.forks, []
+        unplaced: list[Job] = []
+        for fork in forks:
+            rest = [s for s in free if s.job is None]
+            if fork.stream.cancelled or not rest:
+                unplaced.append(fork)
+                continue
+            try:
+                sampler = Sampler(self.model, fork.request.sampling)
+            except ShimmyError as exc:
+                fork.stream.push(exc)
+                continue
+            # The slot's cache is replaced by the copy; placing saves it first, if worth it.
+            slot, _ = self._placer.place(source.prompt, rest, prefix_cache=False)
+            max_new = self._max_new(fork.request, source.prompt)
+            slot.start(fork, source.prompt, sampler, max_new=max_new, reused=0)
+            slot.fork_of = source
+            source.forks.append(slot)
+            self.counters["requests"] += 1
+        if unplaced:
+            with self._cv:
+                self._queue.extendleft(reversed(unplaced))
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if isinstance(request.prompt, str):
@@ -270,7 +305,8 @@ class Scheduler:
                 slot.next_token = None
         add_drafts(batch, active, self.settings.draft_max)
         # Prompts fill the rest of the batch in admission order, each at most one chunk.
-        for slot in sorted((s for s in active if s.prefilling), key=lambda s: s.admitted_at):
+        prefilling = (s for s in active if s.prefilling and not s.waiting_for_fork)
+        for slot in sorted(prefilling, key=lambda s: s.admitted_at):
             take = min(len(slot.prompt) - len(slot.cached), batch.room, self.settings.prefill_chunk)
             if slot.checkpoint_at > len(slot.cached):
                 # The chunk stops where the checkpoint is to be taken, after this step.
@@ -304,7 +340,16 @@ class Scheduler:
             if slot.scored_chunk is not None:
                 self._score_prompt_chunk(slot)
             if slot.batch_index >= 0 and slot.job is not None:
+                # Forks copy the prompt's KV before the source's first token can end it.
+                forks, slot.forks = slot.forks, []
+                for fork in forks:
+                    fork.take_fork(slot, self.ctx)
+                    self.counters["prompt_forks"] += 1
                 self._sample(slot)
+                for fork in forks:
+                    if fork.job is not None:
+                        self._sample(fork)
+                    fork.batch_index = -1  # sampled: not again when the loop reaches it
 
     def _score_prompt_chunk(self, slot: Slot) -> None:
         """Score the prompt tokens that follow this step's chunk positions: the logits at
@@ -426,6 +471,12 @@ class Scheduler:
     def _release(
         self, slot: Slot, *, error: ShimmyError | None = None, drop_cache: bool = False
     ) -> Job | None:
+        if slot.fork_of is not None:
+            slot.fork_of.forks.remove(slot)
+            slot.fork_of = None
+        for fork in slot.forks:
+            fork.fork_of = None  # its source is gone before its prompt was read: read it itself
+        slot.forks = []
         job = slot.release(self.ctx, drop_cache=drop_cache)
         self.last_used = time.monotonic()
         if error is not None and job is not None:
@@ -467,5 +518,26 @@ class Scheduler:
             self._calls.clear()
         for job in queued:
             job.stream.push(error)
+            for fork in job.forks:
+                fork.stream.push(error)
         for call in calls:
             call.fail(error)
+
+
+def _with_forks(jobs: list[Job]) -> list[Job]:
+    """The jobs to queue: the first of those with the same prompt, carrying the rest as its
+    forks. Scoring a prompt reads every position's logits, so those jobs are never forks."""
+    sources: dict[tuple[object, bool], Job] = {}
+    queued: list[Job] = []
+    for job in jobs:
+        request = job.request
+        if request.prompt_logprobs is not None:
+            queued.append(job)
+            continue
+        prompt = request.prompt if isinstance(request.prompt, str) else tuple(request.prompt)
+        source = sources.setdefault((prompt, request.add_bos), job)
+        if source is job:
+            queued.append(job)
+        else:
+            source.forks.append(job)
+    return queued

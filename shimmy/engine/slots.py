@@ -28,6 +28,9 @@ class Job:
     stream: GenerationStream
     deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Requests with this one's prompt, submitted with it (OpenAI's n > 1, best_of): they wait
+    # for its prompt to be decoded and take a copy of its KV instead of decoding it again.
+    forks: list[Job] = field(default_factory=list)
 
 
 @dataclass
@@ -76,10 +79,28 @@ class Slot:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     # Where this request's prompt stops for a checkpoint before its last token (-1: none).
     checkpoint_at: int = -1
+    # Forks: the slots waiting for this one's prompt (``Job.forks``), and the slot a waiting
+    # fork copies from. A waiting fork is not prefilled; if its source goes first, it is.
+    forks: list[Slot] = field(default_factory=list)
+    fork_of: Slot | None = None
+
+    @property
+    def waiting_for_fork(self) -> bool:
+        return self.fork_of is not None
 
     @property
     def prefilling(self) -> bool:
         return self.job is not None and len(self.cached) < len(self.prompt)
+
+    def take_fork(self, source: Slot, ctx: LlamaContext) -> None:
+        """Become a copy of ``source``, whose prompt (this one's too) has just been decoded:
+        its logits at ``source.batch_index`` give this slot's first token as well."""
+        ctx.copy_sequence(source.seq_id, self.seq_id)
+        self.cached = list(source.cached)
+        self.checkpoints = list(source.checkpoints)
+        self.cached_at_start = len(self.prompt)
+        self.batch_index = source.batch_index
+        self.fork_of = None
 
     @property
     def admitted_at(self) -> float:

@@ -26,6 +26,9 @@ class SamplingParams:
     # llama.cpp's sampler names in the order to chain them ("top_k", "top_p", "infill", ...);
     # None = shimmy's chain (penalties, top-k, top-p, min-p, temperature). See engine/chain.py.
     chain: tuple[str, ...] | None = None
+    # Added to a token's logit before any sampler; -inf bans it (llama.cpp's and OpenAI's
+    # ``logit_bias``, with ``ignore_eos`` as -inf on every end-of-generation token).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

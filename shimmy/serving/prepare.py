@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,9 @@ class GenerationInput:
     fim: FimInput | None = None  # fill in the middle (serving/fim.py), instead of a prompt
     early_stop: EarlyStop | None = None
     speculative: bool | None = None
+    # Token id or text (each of its tokens) to a bias on its logit; -inf bans it.
+    logit_bias: list[tuple[int | str, float]] = field(default_factory=list)
+    ignore_eos: bool = False  # never end at an end-of-generation token (-inf on each)
     # False: the rendered conversation ends after its last message, without the opening of the
     # assistant's turn (llama.cpp's /apply-template shows either).
     add_generation_prompt: bool = True
@@ -146,10 +150,13 @@ async def prepare(
             prompt = f"{given.system}\n\n{prompt}"
     if response_grammar is not None and grammar is None:
         grammar, grammar_param = response_grammar, "response_format"
+    sampling = _sampling(given.sampling, model_defaults, dialect, grammar)
+    if given.logit_bias or given.ignore_eos:
+        sampling = dataclasses.replace(sampling, logit_bias=await _logit_bias(engine, given))
     request = GenerationRequest(
         prompt=prompt,
         max_tokens=_max_tokens(given.max_tokens, model_defaults, dialect, settings),
-        sampling=_sampling(given.sampling, model_defaults, dialect, grammar),
+        sampling=sampling,
         stop=stop,
         logprobs=given.logprobs,
         prompt_logprobs=given.prompt_logprobs,
@@ -196,6 +203,20 @@ def _sampling(
     if grammar is not None:
         values["grammar"] = grammar
     return SamplingParams(**values)
+
+
+async def _logit_bias(engine: Engine, given: GenerationInput) -> tuple[tuple[int, float], ...]:
+    """Token ids and their biases: a text's bias goes to each of its tokens, as llama.cpp
+    tokenizes it (no BOS, special-token spellings as text)."""
+    texts = [key for key, _ in given.logit_bias if isinstance(key, str)]
+    tokenized = iter(await engine.tokenize_literal(texts) if texts else [])
+    biases: list[tuple[int, float]] = []
+    for key, bias in given.logit_bias:
+        ids = [key] if isinstance(key, int) else next(tokenized)
+        biases += [(token, bias) for token in ids]
+    if given.ignore_eos:
+        biases += [(token, -math.inf) for token in engine.eog_tokens]
+    return tuple(biases)
 
 
 def _response_grammar(response_format: ResponseFormat | None) -> tuple[str | None, Any]:

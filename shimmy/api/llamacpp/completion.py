@@ -103,6 +103,7 @@ class Answer:
                 self.body.stream,
                 n_probs=self.body.n_probs,
                 post_sampling_probs=self.body.post_sampling_probs,
+                ignore_eos=self.body.ignore_eos,
             ),
             "has_new_line": "\n" in text,
             "truncated": False,

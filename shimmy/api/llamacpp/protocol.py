@@ -16,7 +16,8 @@ from pydantic import AliasChoices, Field, RootModel, StrictBool, StrictStr
 
 from shimmy.api.openai.protocol import ChatCompletionRequest
 from shimmy.api.protocol.common import (
-    NonEmptyStr,
+    LogitBias,
+    ModelField,
     RepetitionPenalty,
     StopList,
     StrictFloat,
@@ -49,7 +50,7 @@ class LlamaSampling(WireModel):
     """What llama.cpp's generation routes (/completion, /infill) share: the model, the length
     and its samplers, named as llama.cpp names them."""
 
-    model: NonEmptyStr = "default"
+    model: ModelField = "default"
     n_predict: Annotated[
         StrictInteger,
         Field(
@@ -74,6 +75,8 @@ class LlamaSampling(WireModel):
         None, description='Sampler names in order (["top_k", "top_p", "infill"]) or letters'
     )
     response_fields: Annotated[list[StrictStr], Field(max_length=MAX_RESPONSE_FIELDS)] | None = None
+    logit_bias: LogitBias = Field(default_factory=list)
+    ignore_eos: StrictBool = False
     speculative_n_max: Annotated[StrictInteger, Field(ge=0, le=1024)] | None = Field(
         None,
         validation_alias=AliasChoices("speculative.n_max", "speculative_n_max"),
@@ -128,6 +131,8 @@ class InfillRequest(LlamaSampling):
             max_tokens=None if self.n_predict < 0 else self.n_predict,
             early_stop=early if early != EarlyStop() else None,
             speculative=self.speculative(),
+            logit_bias=self.logit_bias,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -227,6 +232,8 @@ class LlamaCompletionRequest(LlamaSampling):
             logprobs=self.n_probs or None,
             response_format=ResponseFormat("json_schema", schema) if schema is not None else None,
             speculative=self.speculative(),
+            logit_bias=self.logit_bias,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -309,7 +316,7 @@ MAX_DETOKENIZE = 1 << 20
 
 
 class TokenizeRequest(WireModel):
-    model: NonEmptyStr = "default"
+    model: ModelField = "default"
     content: StrictStr
     add_special: StrictBool = False
     parse_special: StrictBool = True
@@ -326,7 +333,7 @@ class TokenizeResponse(ResponseModel):
 
 
 class DetokenizeRequest(WireModel):
-    model: NonEmptyStr = "default"
+    model: ModelField = "default"
     tokens: Annotated[
         list[Annotated[StrictInteger, Field(ge=0, le=2**31 - 1)]],
         Field(max_length=MAX_DETOKENIZE),

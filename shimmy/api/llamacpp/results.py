@@ -6,6 +6,7 @@ from then to the end.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,11 @@ def generation_settings(
         "frequency_penalty": sampling.frequency_penalty,
         "samplers": list(sampling.chain) if sampling.chain is not None else None,
         "grammar": sampling.grammar or "",
+        # JSON has no -inf: llama.cpp writes a banned token's bias as null.
+        "logit_bias": [
+            {"bias": bias if math.isfinite(bias) else None, "token": token}
+            for token, bias in sampling.logit_bias
+        ],
         "stop": list(prepared.request.stop),
         "stream": stream,
         **extra,

@@ -95,6 +95,7 @@ class Final:
                 self.body.stream,
                 n_indent=self.body.n_indent,
                 t_max_predict_ms=self.body.t_max_predict_ms,
+                ignore_eos=self.body.ignore_eos,
             ),
             "has_new_line": has_new_line,
             "truncated": self.prepared.truncated,

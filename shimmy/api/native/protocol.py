@@ -20,6 +20,7 @@ from pydantic.json_schema import SkipJsonSchema
 from shimmy.api.keepalive import parse_keep_alive
 from shimmy.api.protocol.common import (
     ChatMessage,
+    ModelField,
     NonEmptyStr,
     PositiveInt,
     RepetitionPenalty,
@@ -46,7 +47,7 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed
 
 
 class GenerateRequest(WireModel):
-    model: NonEmptyStr = "default"
+    model: ModelField = "default"
     prompt: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     system: StrictStr | None = None

@@ -15,6 +15,8 @@ from pydantic.json_schema import SkipJsonSchema
 
 from shimmy.api.protocol.common import (
     ChatMessage,
+    LogitBias,
+    ModelField,
     OptionalMessageContent,
     PositiveInt,
     StrictFloat,
@@ -121,7 +123,7 @@ class _SamplingFields(_Lenient):
     """What chat and text completions share. Defaults are OpenAI's, not the native API's:
     clients tune against OpenAI and expect its behaviour when they leave a field out."""
 
-    model: Annotated[StrictStr, Field(min_length=1)] = "default"
+    model: ModelField = "default"
     temperature: Temperature | None = None
     top_p: TopP | None = None
     presence_penalty: Penalty | None = None
@@ -131,8 +133,11 @@ class _SamplingFields(_Lenient):
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
+    logit_bias: LogitBias = Field(default_factory=list)
     # shimmy's extension: speculative decoding from the text's own n-grams, on or off.
     speculative: StrictBool | None = None
+    # llama.cpp's (and vLLM's) extension: never end at an end-of-generation token.
+    ignore_eos: StrictBool = False
 
     def sampling_sent(self) -> dict[str, Any]:
         """The sampling fields the client set; the rest take the model's and OpenAI's defaults."""
@@ -197,6 +202,8 @@ class ChatCompletionRequest(_SamplingFields):
             wire_tools=[t.model_dump(exclude_none=True) for t in self.tools or []],
             response_format=self.response_format_input(),
             speculative=self.speculative,
+            logit_bias=self.logit_bias,
+            ignore_eos=self.ignore_eos,
         )
 
     def tool_choice_input(self) -> ToolChoiceInput | None:
@@ -289,6 +296,8 @@ class CompletionRequest(_SamplingFields):
             logprobs=self.generation_logprobs(),
             prompt_logprobs=self.logprobs if self.echo else None,
             speculative=self.speculative,
+            logit_bias=self.logit_bias,
+            ignore_eos=self.ignore_eos,
         )
 
     def generation_logprobs(self) -> int | None:
@@ -314,7 +323,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class EmbeddingRequest(_Lenient):
-    model: Annotated[StrictStr, Field(min_length=1)] = "default"
+    model: ModelField = "default"
     input: StrictStr | list[Any]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None

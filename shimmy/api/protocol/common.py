@@ -8,6 +8,7 @@ clients that send more than a dialect uses are not rejected outright.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, TypeVar
 
 import pydantic_core
@@ -101,6 +102,82 @@ StopList = Annotated[
 ]
 
 
+def _default_model(value: Any) -> Any:
+    # OpenAI's SDKs and llama.cpp's tests send ``"model": null`` for "whichever is served".
+    return "default" if value is None else value
+
+
+# The model a request names: its id or an alias; "default" (or null, or none) for the default.
+ModelField = Annotated[
+    str,
+    Field(strict=True, min_length=1),
+    BeforeValidator(_default_model),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}),
+]
+
+MAX_LOGIT_BIAS = 1024
+MAX_BIAS_TEXT = 256
+
+
+def _logit_bias(value: Any) -> list[tuple[int | str, float]]:
+    """llama.cpp's and OpenAI's ``logit_bias``: ``{"15043": -100}`` or ``[[15043, -100]]``,
+    where a key is a token id or a text (its every token gets the bias), and a bias of
+    ``false`` bans the token (-inf). OpenAI's keys are ids, written as strings."""
+    if value is None:  # clients that send every field send null for "none"
+        return []
+    if isinstance(value, dict):
+        pairs = [(_id_or_text(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        pairs = []
+        for item in value:
+            if not (isinstance(item, list) and len(item) == 2):
+                raise PydanticCustomError("logit_bias", "each entry is a [token, bias] pair")
+            key = item[0]
+            if not (isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))):
+                raise PydanticCustomError("logit_bias", "a token is an id or a text")
+            pairs.append((key, item[1]))
+    else:
+        raise PydanticCustomError("logit_bias", "Input should be an object or a list of pairs")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise PydanticCustomError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+    entries: list[tuple[int | str, float]] = []
+    for key, bias in pairs:
+        if isinstance(key, int) and not 0 <= key < 2**31:
+            raise PydanticCustomError("logit_bias", "token ids are non-negative")
+        if isinstance(key, str) and not 0 < len(key) <= MAX_BIAS_TEXT:
+            raise PydanticCustomError("logit_bias", f"a text is 1 to {MAX_BIAS_TEXT} characters")
+        if bias is False:
+            entries.append((key, float("-inf")))
+        elif bias is True:  # llama.cpp ignores it; there is nothing "true" could add
+            continue
+        elif isinstance(bias, int | float) and math.isfinite(bias):
+            entries.append((key, float(bias)))
+        else:
+            raise PydanticCustomError("logit_bias", "a bias is a finite number or false")
+    return entries
+
+
+def _id_or_text(key: str) -> int | str:
+    return int(key) if key.isascii() and key.isdigit() else key
+
+
+# Validated whole by ``_logit_bias`` (its -inf for ``false`` would not pass a float field).
+LogitBias = Annotated[
+    Any,
+    BeforeValidator(_logit_bias),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "object", "additionalProperties": {"type": ["number", "boolean"]}},
+                {"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}},
+                {"type": "null"},
+            ],
+            "description": "Token id (or text) to a bias added to its logit; false bans it",
+        }
+    ),
+]
+
+
 def content_text(value: Any) -> str:
     """A message's content as text: a string, or text parts joined by newlines. Only text is
     understood: these models read text, and silently dropping an image would mislead."""
@@ -179,7 +256,9 @@ def parse_body(model: type[ModelT], raw: bytes | str) -> ModelT:
 __all__ = [
     "MAX_STOP_STRINGS",
     "ChatMessage",
+    "LogitBias",
     "MessageContent",
+    "ModelField",
     "NonEmptyStr",
     "OptionalMessageContent",
     "PositiveInt",

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, StrictStr, Tag, field_validator
 
-from shimmy.api.protocol.common import PositiveInt, Temperature, TopP, WireModel
+from shimmy.api.protocol.common import ModelField, PositiveInt, Temperature, TopP, WireModel
 from shimmy.api.protocol.responses import ResponseModel
 from shimmy.errors import InvalidRequest
 from shimmy.serving.chat import Message, ResponseFormat, ToolCallInput, ToolChoice
@@ -167,7 +167,7 @@ class TextOptions(WireModel):
 
 
 class ResponsesRequest(WireModel):
-    model: Annotated[StrictStr, Field(min_length=1)] = "default"
+    model: ModelField = "default"
     input: StrictStr | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
     instructions: StrictStr | None = None
     previous_response_id: StrictStr | None = None

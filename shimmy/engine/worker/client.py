@@ -118,6 +118,7 @@ class WorkerEngine:
         self.loaded_at: float = facts["loaded_at"]
         self.memory_bytes: int = facts["memory_bytes"]
         self.fim_tokens: FimTokens | None = facts["fim_tokens"]
+        self.eog_tokens: tuple[int, ...] = tuple(facts["eog_tokens"])
         self.pid: int = facts["pid"]
 
     # --- requests --------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class WorkerServer:
                 "loaded_at": engine.loaded_at,
                 "memory_bytes": engine.memory_bytes,
                 "fim_tokens": engine.fim_tokens,
+                "eog_tokens": engine.eog_tokens,
                 "pid": os.getpid(),
             },
         )

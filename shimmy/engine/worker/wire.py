@@ -53,7 +53,14 @@ _DATACLASSES: tuple[type, ...] = (
 _CODES = {cls: code for code, cls in enumerate(_DATACLASSES)}
 _PATH = 100
 _ERROR = 101
-_TUPLE_FIELDS: dict[type, tuple[str, ...]] = {SamplingParams: ("chain",)}
+# Fields that are tuples (msgpack sends lists), and how deep: 2 for a tuple of pairs.
+_TUPLE_FIELDS: dict[type, dict[str, int]] = {SamplingParams: {"chain": 1, "logit_bias": 2}}
+
+
+def _tuples(value: Any, depth: int) -> Any:
+    if depth == 0 or not isinstance(value, list):
+        return value
+    return tuple(_tuples(item, depth - 1) for item in value)
 
 
 def _encode(obj: Any) -> msgpack.ExtType:
@@ -84,9 +91,8 @@ def _decode(code: int, data: bytes) -> Any:
     values = unpack(data)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = dict(zip(names, values, strict=True))
-    for name in _TUPLE_FIELDS.get(cls, ()):
-        if kwargs[name] is not None:
-            kwargs[name] = tuple(kwargs[name])
+    for name, depth in _TUPLE_FIELDS.get(cls, {}).items():
+        kwargs[name] = _tuples(kwargs[name], depth)
     return cls(**kwargs)
 
 
