@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tiny_gguf import write_tiny_gguf
 
 from shimmy.engine.local import LocalEngine
 from shimmy.engine.types import Finished, GenerationRequest, SamplingParams
 from shimmy.models.entry import ModelEntry
 from shimmy.settings import Settings
-from tiny_gguf import write_tiny_gguf
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4
 
