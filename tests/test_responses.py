@@ -228,6 +228,43 @@ def test_retrieve_delete_and_store_false(client: openai.OpenAI) -> None:
         client.responses.retrieve(unstored.id)
 
 
+def test_input_items_list_a_responses_own_input(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="tiny", input="Hello there", max_output_tokens=2)
+    [item] = client.responses.input_items.list(first.id).data
+    assert item.type == "message" and item.role == "user" and item.id.startswith("msg_")
+    assert [part.text for part in item.content] == ["Hello there"]  # type: ignore[union-attr]
+    turns = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "three"},
+        {"role": "user", "content": "four"},
+    ]
+    second = client.responses.create(
+        model="tiny", input=turns, previous_response_id=first.id, max_output_tokens=2
+    )
+    newest_first = client.responses.input_items.list(second.id).data
+    # Only this response's own input, newest first (OpenAI's default order).
+    assert [i.type for i in newest_first] == [
+        "message", "function_call_output", "function_call", "message", "message"
+    ]  # fmt: skip
+    assert newest_first[1].output == "three"  # type: ignore[union-attr]
+    assert newest_first[2].call_id == "call_1" and newest_first[2].name == "f"  # type: ignore[union-attr]
+    oldest = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.id for i in oldest.data] == [i.id for i in reversed(newest_first)][:2]
+    assert oldest.has_more is True
+    rest = client.responses.input_items.list(second.id, order="asc", after=oldest.data[-1].id)
+    assert [i.id for i in rest.data] == [i.id for i in reversed(newest_first)][2:]
+    assert rest.has_more is False
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(second.id, after="msg_nope")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(second.id, limit=0)
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(second.id)
+
+
 def test_store_drops_the_least_recently_used(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = isolated_settings(tiny_model_dir, tmp_path, responses_store_size=2)
     with run_server(settings) as url:

@@ -9,6 +9,7 @@ refused rather than silently ignored. Unknown fields are ignored, as in the rest
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, StrictStr, Tag, field_validator
@@ -128,6 +129,21 @@ def items_to_messages(items: str | list[Any]) -> list[Message]:
     return out
 
 
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _message_item(role: str, text: str) -> dict[str, Any]:
+    part = "output_text" if role == "assistant" else "input_text"
+    return {
+        "id": new_id("msg"),
+        "type": "message",
+        "role": role,
+        "status": "completed",
+        "content": [{"type": part, "text": text}],
+    }
+
+
 class FunctionTool(WireModel):
     type: Literal["function"]
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
@@ -187,6 +203,38 @@ class ResponsesRequest(WireModel):
 
     def new_messages(self) -> list[Message]:
         return items_to_messages(self.input)
+
+    def input_items(self) -> list[dict[str, Any]]:
+        """This request's input as the items ``GET /v1/responses/{id}/input_items`` lists,
+        each with an id (the client's, or a new one); reasoning items are not kept."""
+        if isinstance(self.input, str):
+            return [_message_item("user", self.input)]
+        items: list[dict[str, Any]] = []
+        for item in self.input:
+            if isinstance(item, MessageItem):
+                items.append(_message_item(item.role, _joined(item.content)))
+            elif isinstance(item, FunctionCallItem):
+                items.append(
+                    {
+                        "id": item.id or new_id("fc"),
+                        "type": "function_call",
+                        "status": "completed",
+                        "call_id": item.call_id,
+                        "name": item.name,
+                        "arguments": item.arguments,
+                    }
+                )
+            elif isinstance(item, FunctionCallOutputItem):
+                items.append(
+                    {
+                        "id": new_id("fco"),
+                        "type": "function_call_output",
+                        "status": "completed",
+                        "call_id": item.call_id,
+                        "output": _joined(item.output),
+                    }
+                )
+        return items
 
     def tool_choice_input(self) -> ToolChoice | None:
         choice = self.tool_choice
@@ -325,3 +373,20 @@ class DeletedResponse(ResponseModel):
     id: str
     object: Literal["response.deleted"]
     deleted: bool
+
+
+class InputItemsQuery(WireModel):
+    """``GET /v1/responses/{id}/input_items``'s query (strings, hence not strict)."""
+
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    order: Literal["asc", "desc"] = "desc"
+    after: Annotated[str, Field(max_length=200)] | None = None
+    before: Annotated[str, Field(max_length=200)] | None = None
+
+
+class InputItemList(ResponseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="Input items: messages, function calls...")
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -8,22 +8,18 @@ A response's output is a message item holding the text (when there is any) follo
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shimmy.api.errors import openai_error_type
+from shimmy.api.responses.protocol import new_id
 from shimmy.api.sse import sse_event
 from shimmy.engine.types import Finished, TextDelta, Usage
 from shimmy.errors import ShimmyError
 from shimmy.serving.chat import Message, ToolCallInput
 from shimmy.serving.prepare import Prepared
 from shimmy.serving.replies import Reply, ReplyStream
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:

@@ -19,13 +19,19 @@ from starlette.routing import BaseRoute
 from shimmy.api.access_log import annotate
 from shimmy.api.context import client_gone, registry_of, settings_of
 from shimmy.api.keepalive import wants_to_wait
-from shimmy.api.protocol.common import parse_body
-from shimmy.api.responses.protocol import DeletedResponse, ResponseObject, ResponsesRequest
+from shimmy.api.protocol.common import parse_body, validate_body
+from shimmy.api.responses.protocol import (
+    DeletedResponse,
+    InputItemList,
+    InputItemsQuery,
+    ResponseObject,
+    ResponsesRequest,
+)
 from shimmy.api.responses.render import ResponseDraft, ResponseEvents
 from shimmy.api.responses.store import StoredResponse, store_of
 from shimmy.api.routing import GENERATION_ERRORS, SSE, api_route
 from shimmy.api.sse import EventStreamResponse
-from shimmy.errors import NotFound
+from shimmy.errors import InvalidRequest, NotFound
 from shimmy.serving.chat import Message
 from shimmy.serving.defaults import Dialect
 from shimmy.serving.prepare import prepare
@@ -60,10 +66,11 @@ async def create_response(request: Request) -> Response:
     assert given.messages is not None
     draft = ResponseDraft(engine.entry.id, body.echo(), given.messages)
     keep = body.store is not False
+    inputs = tuple(body.input_items()) if keep else ()
 
     def done(response: dict[str, Any], conversation: tuple[Message, ...]) -> None:
         if keep:
-            store.put(response["id"], StoredResponse(response, conversation))
+            store.put(response["id"], StoredResponse(response, conversation, inputs))
 
     if body.stream:
         started = await start(engine, prepared)
@@ -83,6 +90,36 @@ async def retrieve_response(request: Request) -> Response:
     if stored is None:
         raise _not_found(response_id)
     return JSONResponse(stored.body)
+
+
+async def list_input_items(request: Request) -> Response:
+    response_id = request.path_params["response_id"]
+    stored = store_of(request).get(response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    query = validate_body(InputItemsQuery, dict(request.query_params))
+    items = list(stored.input_items)
+    if query.order == "desc":
+        items.reverse()
+    ids = [item["id"] for item in items]
+    for name, cursor in (("after", query.after), ("before", query.before)):
+        if cursor is None:
+            continue
+        if cursor not in ids:
+            raise InvalidRequest(f"no input item has the id {cursor[:100]!r}", param=name)
+        keep_after = name == "after"
+        at = ids.index(cursor)
+        items, ids = (items[at + 1 :], ids[at + 1 :]) if keep_after else (items[:at], ids[:at])
+    page = items[: query.limit]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > len(page),
+        }
+    )
 
 
 async def delete_response(request: Request) -> Response:
@@ -118,6 +155,18 @@ routes: list[BaseRoute] = [
         response=ResponseObject,
         response_description="The response",
         errors={404: "No such response (never stored, deleted, or dropped from the store)"},
+        tags=TAGS,
+    ),
+    api_route(
+        "/responses/{response_id}/input_items",
+        list_input_items,
+        methods=["GET"],
+        summary="The input items of a stored response (OpenAI Responses API)",
+        description="This response's own input (not the conversation before it), newest first "
+        "unless `order=asc`; `limit` (1-100, default 20), `after` and `before` page by item id.",
+        response=InputItemList,
+        response_description="A page of input items",
+        errors={404: "No such response", 400: "A bad query parameter"},
         tags=TAGS,
     ),
     api_route(

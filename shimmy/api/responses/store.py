@@ -22,6 +22,7 @@ class StoredResponse:
     # The conversation up to and including this response's output, without instructions
     # (OpenAI does not carry them over to a continuation).
     history: tuple[Message, ...]
+    input_items: tuple[dict[str, Any], ...] = ()  # this request's own input, as items
 
 
 class ResponseStore:
