@@ -190,15 +190,17 @@ def main() -> None:
     model = (args.model or starter_model()).resolve()
     real = args.llama_server.resolve() if args.llama_server else None
     extra = args.pytest_args.split()
-    results = {name: run_file(suite, name, model, extra, real) for name in args.files}
+    results: dict[str, dict[str, str]] = {}
+    for name in args.files:
+        results[name] = run_file(suite, name, model, extra, real)
+        if args.json:  # after each file: a run stopped early keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"\n{'file':32} passed failed errors skipped")
     for name, cases in results.items():
         c = counts(cases)
         print(f"{name:32} {c['passed']:6} {c['failed']:6} {c['error']:6} {c['skipped']:7}")
     total = counts({f"{n}/{t}": v for n, cases in results.items() for t, v in cases.items()})
     print(f"{'total':32} {total['passed']:6} {total['failed']:6} {total['error']:6}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     if args.baseline:
         compare(results, json.loads(args.baseline.read_text()))
 
